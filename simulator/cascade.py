@@ -1,0 +1,147 @@
+"""One replication of the cascade: build the runtime objects, run SimPy, return records.
+
+Simulated time is in milliseconds throughout. A request is a plain generator process that
+visits the stages in order; nodes are worker processes (see stage.py). Records are
+written into preallocated numpy arrays while the run goes; nothing is summarised here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from . import scenario as sc
+from . import service
+from .stage import Job, Node, Stage, make_dispatch, node_worker
+from .workload import RequestBatch, generate
+
+
+@dataclass
+class StageRecords:
+    node: np.ndarray
+    enter_ms: np.ndarray
+    start_ms: np.ndarray
+    service_ms: np.ndarray
+    batch: np.ndarray
+    hop_ms: np.ndarray
+
+
+@dataclass
+class Replication:
+    """Everything one run produced, as arrays. Times in ms; NaN where never reached."""
+
+    index: int
+    requests: RequestBatch
+    completion_ms: np.ndarray
+    stages: dict[str, StageRecords]
+    timeseries: dict[str, np.ndarray]
+    busy: dict[str, list[tuple[np.ndarray, np.ndarray]]]   # per stage, per node: (starts, ends)
+    end_ms: float                                          # last arrival
+    stopped_ms: float                                      # when the run stopped
+    extrapolated: dict[str, int]
+
+
+def stream(seed: int, replication: int, n: int) -> list[np.random.Generator]:
+    """n independent generators for one replication; independent of how many replications run."""
+    child = np.random.SeedSequence(seed, spawn_key=(replication,))
+    return [np.random.default_rng(s) for s in child.spawn(n)]
+
+
+def build_stages(scenario: sc.Scenario, rngs: list[np.random.Generator]) -> list[Stage]:
+    stages = []
+    for k, (name, cfg) in enumerate(scenario.stages.items()):
+        nodes = [Node(i) for i in range(cfg.nodes.count)]
+        stages.append(Stage(
+            name=name, nodes=nodes,
+            dispatch=make_dispatch(cfg.router, nodes, rngs[2 * k]),
+            service=service.build(cfg.service, rngs[2 * k + 1], f"stages.{name}.service"),
+            max_batch=cfg.batch.max_size, max_wait_ms=cfg.batch.max_wait_ms,
+            marginal_cost=cfg.batch.marginal_cost, hop_ms=cfg.hop_ms, candidates=cfg.candidates))
+    return stages
+
+
+def run_replication(scenario: sc.Scenario, index: int) -> Replication:
+    rngs = stream(scenario.run.seed, index, 1 + 2 * len(scenario.stages))
+    reqs = generate(scenario.workload, scenario.run, rngs[0])
+    stages = build_stages(scenario, rngs[1:])
+    n = len(reqs)
+    extrapolated = {}
+    for s in stages:
+        M = np.full(n, s.candidates) if s.candidates else reqs.candidates
+        check = getattr(s.service, "check", None)
+        extrapolated[s.name] = check(reqs.history_len, M) if check else 0
+    env = simpy.Environment()
+    recs = {s.name: StageRecords(np.full(n, -1, np.int32), *(np.full(n, np.nan) for _ in range(3)),
+                                 np.zeros(n, np.int32), np.zeros(n)) for s in stages}
+    completion = np.full(n, np.nan)
+    state = {"done": 0}
+    all_done = env.event()
+
+    def request(env: simpy.Environment, rid: int, L: int, M: int):
+        for stage in stages:
+            rec = recs[stage.name]
+            job = Job(rid, L, stage.candidates or M, env.now, env.event())
+            stage.dispatch(job)
+            yield job.done
+            rec.node[rid], rec.enter_ms[rid] = job.node, job.enqueued_ms
+            rec.start_ms[rid], rec.service_ms[rid], rec.batch[rid] = job.start_ms, job.service_ms, job.batch
+            if stage.hop_ms:
+                rec.hop_ms[rid] = stage.hop_ms
+                yield env.timeout(stage.hop_ms)
+        completion[rid] = env.now
+        state["done"] += 1
+        if state["done"] == n:
+            all_done.succeed()
+
+    def source(env: simpy.Environment):
+        arrivals = reqs.arrival_ms.tolist()
+        Ls, Ms = reqs.history_len.tolist(), reqs.candidates.tolist()
+        for rid in range(n):
+            delay = arrivals[rid] - env.now
+            if delay > 0:
+                yield env.timeout(delay)
+            env.process(request(env, rid, Ls[rid], Ms[rid]))
+
+    end_ms = float(reqs.arrival_ms[-1]) if n else 0.0
+    dt = scenario.run.sample_interval_ms or max(end_ms / 200, 1e-3)
+    samples: list[tuple] = []
+
+    def sampler(env: simpy.Environment):
+        last = {(s.name, nd.index): 0.0 for s in stages for nd in s.nodes}
+        while not all_done.triggered:
+            yield env.timeout(dt)
+            for si, s in enumerate(stages):
+                for nd in s.nodes:
+                    busy = nd.busy_until(env.now)
+                    key = (s.name, nd.index)
+                    samples.append((env.now, si, nd.index, len(nd.queue), nd.in_service,
+                                    (busy - last[key]) / dt))
+                    last[key] = busy
+
+    for s in stages:
+        for nd in s.nodes:
+            env.process(node_worker(env, s, nd))
+    env.process(source(env))
+    env.process(sampler(env))
+    if n == 0:
+        all_done.succeed()
+    # An overloaded run may never drain: stop at twice the arrival span plus a minute.
+    env.run(until=simpy.AnyOf(env, [all_done, env.timeout(2 * end_ms + 60_000)]))
+
+    ts = np.array(samples, dtype=float).reshape(-1, 6)
+    timeseries = {"time_ms": ts[:, 0], "stage": ts[:, 1].astype(np.int32),
+                  "node": ts[:, 2].astype(np.int32), "queue_len": ts[:, 3].astype(np.int32),
+                  "in_service": ts[:, 4].astype(np.int32), "busy_fraction": ts[:, 5]}
+    busy = {s.name: [(np.array(nd.busy_starts), _ends(nd, env.now)) for nd in s.nodes] for s in stages}
+    return Replication(index, reqs, completion, recs, timeseries, busy, end_ms, float(env.now),
+                       extrapolated)
+
+
+def _ends(node: Node, now: float) -> np.ndarray:
+    """Batch end times; a batch still in service when the run stopped ends at `now`."""
+    ends = np.array(node.busy_ends)
+    if len(ends) < len(node.busy_starts):
+        ends = np.append(ends, now)
+    return ends

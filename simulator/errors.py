@@ -1,0 +1,30 @@
+"""The one error type the library raises for bad input.
+
+The CLI turns it into a single line and exit status 1; a notebook user sees the same
+line as the exception message.
+"""
+
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """Bad user input: a scenario, trace, cost table or override.
+
+    `source` is the file (or `--set` for overrides), `path` the dotted field path inside
+    it and `line` the 1-based line, where known.
+    """
+
+    def __init__(self, message: str, source: str | None = None, path: str | None = None,
+                 line: int | None = None):
+        self.message = message
+        self.source = source
+        self.path = path
+        self.line = line
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.source:
+            where = self.source + (f":{self.line}" if self.line else "")
+        prefix = " ".join(p for p in (where, self.path) if p)
+        return f"{prefix}: {self.message}" if prefix else self.message

@@ -1,0 +1,274 @@
+"""The scenario format: what a user writes in YAML, validated once.
+
+Every model is frozen and forbids unknown keys. Units are in field names; all simulated
+times inside the model are milliseconds. Paths (trace files, cost tables) are resolved
+against the scenario file's folder by the loader before validation.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+
+from .devices import PRESETS
+
+NonNegFloat = Annotated[float, Field(ge=0)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- distributions
+class ConstantDist(Strict):
+    kind: Literal["constant"]
+    value: PositiveFloat
+
+
+class UniformDist(Strict):
+    kind: Literal["uniform"]
+    low: PositiveFloat
+    high: PositiveFloat
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.high < self.low:
+            raise ValueError(f"high must be >= low (got low={self.low}, high={self.high})")
+        return self
+
+
+class LognormalDist(Strict):
+    kind: Literal["lognormal"]
+    mean: PositiveFloat
+    cv: PositiveFloat
+
+
+class EmpiricalDist(Strict):
+    """Values drawn with the given weights (equal weights if omitted)."""
+
+    kind: Literal["empirical"]
+    values: list[PositiveFloat] = Field(min_length=1)
+    weights: list[PositiveFloat] | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if self.weights is not None and len(self.weights) != len(self.values):
+            raise ValueError(f"weights must have one entry per value "
+                             f"({len(self.weights)} != {len(self.values)})")
+        return self
+
+
+Distribution = Annotated[Union[ConstantDist, UniformDist, LognormalDist, EmpiricalDist],
+                         Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- service times
+class ConstantService(Strict):
+    kind: Literal["constant"]
+    ms: PositiveFloat
+
+
+class ExponentialService(Strict):
+    kind: Literal["exponential"]
+    mean_ms: PositiveFloat
+
+
+class LognormalService(Strict):
+    kind: Literal["lognormal"]
+    mean_ms: PositiveFloat
+    cv: PositiveFloat
+
+
+class EmpiricalService(Strict):
+    kind: Literal["empirical"]
+    samples_ms: list[PositiveFloat] = Field(min_length=1)
+
+
+class TableService(Strict):
+    """A phase of a measured cost table, looked up by the request's (L, M)."""
+
+    kind: Literal["table"]
+    table: str = Field(description="built-in table name, or path to a table folder / manifest.json")
+    phase: str
+    condition: str = "isolated"
+    extrapolate: bool = Field(False, description="allow shapes outside the measured grid")
+
+
+ServiceModel = Annotated[
+    Union[ConstantService, ExponentialService, LognormalService, EmpiricalService, TableService],
+    Field(discriminator="kind")]
+
+
+# ---------------------------------------------------------------- workload
+class PoissonArrivals(Strict):
+    kind: Literal["poisson"]
+
+
+class RateStep(Strict):
+    start_s: NonNegFloat
+    factor: NonNegFloat
+
+
+class PiecewiseArrivals(Strict):
+    """Rate = rate_qps x factor of the last step that has started."""
+
+    kind: Literal["piecewise"]
+    steps: list[RateStep] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sorted(self):
+        starts = [s.start_s for s in self.steps]
+        if starts[0] != 0 or starts != sorted(starts) or len(set(starts)) != len(starts):
+            raise ValueError("steps must start at 0 and have strictly increasing start_s")
+        if max(s.factor for s in self.steps) <= 0:
+            raise ValueError("at least one step needs a factor > 0")
+        return self
+
+
+class DiurnalArrivals(Strict):
+    """Rate = rate_qps x (1 + amplitude sin(2 pi (t + phase_s) / period_s))."""
+
+    kind: Literal["diurnal"]
+    amplitude: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    period_s: PositiveFloat = 86400.0
+    phase_s: float = 0.0
+
+
+class BurstArrivals(Strict):
+    """Two-state MMPP: calm at rate_qps, bursts at rate_qps x burst_factor."""
+
+    kind: Literal["burst"]
+    burst_factor: Annotated[float, Field(ge=1)] = 3.0
+    mean_calm_s: PositiveFloat = 30.0
+    mean_burst_s: PositiveFloat = 5.0
+
+
+class TraceArrivals(Strict):
+    """Replay a CSV/Parquet file with columns arrival_ms, user_id, history_len, candidates."""
+
+    kind: Literal["trace"]
+    path: str
+
+
+Arrivals = Annotated[
+    Union[PoissonArrivals, PiecewiseArrivals, DiurnalArrivals, BurstArrivals, TraceArrivals],
+    Field(discriminator="kind")]
+
+
+class Users(Strict):
+    count: PositiveInt = 100_000
+    zipf_s: Annotated[float, Field(ge=0)] = 1.0
+    history_len: Distribution = LognormalDist(kind="lognormal", mean=2000, cv=1.0)
+    min_history_len: PositiveInt = 1
+    max_history_len: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max_history_len is not None and self.max_history_len < self.min_history_len:
+            raise ValueError("max_history_len must be >= min_history_len")
+        return self
+
+
+class Workload(Strict):
+    rate_qps: PositiveFloat | None = Field(None, description="mean offered load; unused for traces")
+    arrivals: Arrivals = PoissonArrivals(kind="poisson")
+    users: Users = Users()
+    candidates: Distribution = ConstantDist(kind="constant", value=300)
+
+    @model_validator(mode="after")
+    def _rate_given(self):
+        is_trace = isinstance(self.arrivals, TraceArrivals)
+        if is_trace and self.rate_qps is not None:
+            raise ValueError("rate_qps must not be set with trace arrivals (the trace gives the times)")
+        if not is_trace and self.rate_qps is None:
+            raise ValueError("rate_qps is required unless arrivals.kind is trace")
+        return self
+
+
+# ---------------------------------------------------------------- cluster
+class DeviceSpec(Strict):
+    name: str
+    hbm_bytes: PositiveInt
+    peak_tflops: PositiveFloat
+    hbm_gbps: PositiveFloat
+    host_link_gbps: PositiveFloat
+    launch_overhead_us: NonNegFloat
+    host_dram_bytes: PositiveInt
+    source: str = ""
+
+
+class NodePool(Strict):
+    count: PositiveInt = 1
+    device: str = Field("h100", description=f"a preset ({', '.join(PRESETS)}) or a key of `devices`")
+
+
+class Batching(Strict):
+    """A batch of n jobs costs the first job's time plus marginal_cost x each other's."""
+
+    max_size: PositiveInt = 1
+    max_wait_ms: NonNegFloat = 0.0
+    marginal_cost: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class Stage(Strict):
+    nodes: NodePool = NodePool()
+    router: Literal["shared", "random", "round_robin", "least_loaded", "power_of_two"] = Field(
+        "round_robin", description="per-node queues picked by this policy, or one shared FIFO queue")
+    queue: Literal["fifo"] = "fifo"
+    batch: Batching = Batching()
+    service: ServiceModel
+    candidates: PositiveInt | None = Field(
+        None, description="candidates this stage handles per request; default: the request's M")
+    hop_ms: NonNegFloat = Field(0.0, description="network latency to the next stage")
+
+
+class SLO(Strict):
+    p99_ms: PositiveFloat = Field(description="end-to-end latency budget")
+    stage_p99_ms: dict[str, PositiveFloat] = {}
+
+
+class RunControl(Strict):
+    duration_s: PositiveFloat | None = None
+    requests: PositiveInt | None = None
+    warmup_s: NonNegFloat | None = Field(
+        None, description="default: 10% of the run (by time, or by requests)")
+    replications: PositiveInt = 5
+    seed: Annotated[int, Field(ge=0)] = 1
+    sample_interval_ms: PositiveFloat | None = Field(None, description="default: run length / 200")
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if self.duration_s is not None and self.requests is not None:
+            raise ValueError("give duration_s or requests, not both")
+        return self
+
+
+class Scenario(Strict):
+    name: str
+    description: str = ""
+    workload: Workload
+    devices: dict[str, DeviceSpec] = {}
+    stages: dict[str, Stage] = Field(min_length=1)
+    slo: SLO
+    run: RunControl = RunControl()
+
+    @model_validator(mode="after")
+    def _cross_refs(self):
+        for name, stage in self.stages.items():
+            if stage.nodes.device not in self.devices and stage.nodes.device not in PRESETS:
+                known = ", ".join([*PRESETS, *self.devices])
+                raise ValueError(f"stages.{name}.nodes.device: unknown device "
+                                 f"{stage.nodes.device!r} (known: {known})")
+        for name in self.slo.stage_p99_ms:
+            if name not in self.stages:
+                raise ValueError(f"slo.stage_p99_ms.{name}: no stage named {name!r}")
+        is_trace = isinstance(self.workload.arrivals, TraceArrivals)
+        if not is_trace and self.run.duration_s is None and self.run.requests is None:
+            raise ValueError("run: give duration_s or requests")
+        return self
+
+    def device(self, name: str) -> DeviceSpec:
+        if name in self.devices:
+            return self.devices[name]
+        return DeviceSpec(**PRESETS[name])

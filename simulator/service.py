@@ -1,0 +1,117 @@
+"""Service-time models: one call gives the time (ms) one job of shape (L, M) takes.
+
+Every model draws from its own numpy Generator, in blocks, so a run is reproducible and
+drawing is cheap. Each model answers `sample(L, M)`; a stage combines the draws of a
+batch's jobs (see `stage.batch_service_ms`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import numpy as np
+
+from . import scenario as sc
+from .errors import InputError
+
+_BLOCK = 4096
+
+
+class ServiceTime(Protocol):
+    def sample(self, L: int, M: int) -> float: ...
+
+
+class Draws:
+    """Yields draws from `fill(rng, n)` one at a time, refilled in blocks."""
+
+    __slots__ = ("_rng", "_fill", "_buf", "_i")
+
+    def __init__(self, rng: np.random.Generator, fill: Callable[[np.random.Generator, int], np.ndarray]):
+        self._rng, self._fill = rng, fill
+        self._buf: list[float] = []
+        self._i = 0
+
+    def next(self) -> float:
+        if self._i >= len(self._buf):
+            self._buf = self._fill(self._rng, _BLOCK).tolist()
+            self._i = 0
+        v = self._buf[self._i]
+        self._i += 1
+        return v
+
+
+class Constant:
+    def __init__(self, ms: float):
+        self.ms = ms
+        self.mean_ms = ms
+
+    def sample(self, L: int, M: int) -> float:
+        return self.ms
+
+
+class FromDistribution:
+    """Shape-independent i.i.d. draws (exponential, lognormal, empirical)."""
+
+    def __init__(self, draws: Draws, mean_ms: float):
+        self._draws = draws
+        self.mean_ms = mean_ms
+
+    def sample(self, L: int, M: int) -> float:
+        return self._draws.next()
+
+
+class FromTable:
+    """Draws from a measured phase curve at the job's shape."""
+
+    def __init__(self, curve, rng: np.random.Generator, extrapolate: bool, where: str):
+        self.curve = curve
+        self._u = Draws(rng, lambda r, n: r.uniform(0, 1, n))
+        self.extrapolate = extrapolate
+        self.where = where
+
+    def check(self, L: np.ndarray, M: np.ndarray) -> int:
+        """How many of these shapes lie outside the grid; an error unless extrapolation is on."""
+        outside = ~(_within(L, self.curve.history_len) & _within(M, self.curve.candidates))
+        if outside.any() and not self.extrapolate:
+            i = int(np.argmax(outside))
+            raise InputError(
+                f"shape L={L[i]} M={M[i]} is outside the table grid (L {_span(self.curve.history_len)}, "
+                f"M {_span(self.curve.candidates)}); set extrapolate: true or bound the workload",
+                None, self.where)
+        return int(outside.sum())
+
+    def sample(self, L: int, M: int) -> float:
+        return self.curve.sample_ms(L, M, self._u.next())
+
+
+def _within(v: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    return np.ones(len(v), bool) if len(grid) == 1 else (v >= grid[0]) & (v <= grid[-1])
+
+
+def _span(grid) -> str:
+    return f"{int(grid[0])}..{int(grid[-1])}"
+
+
+def build(model: sc.ServiceModel, rng: np.random.Generator, where: str) -> ServiceTime:
+    """The runtime service-time model for a scenario's `service` block."""
+    if isinstance(model, sc.ConstantService):
+        return Constant(model.ms)
+    if isinstance(model, sc.ExponentialService):
+        mean = model.mean_ms
+        return FromDistribution(Draws(rng, lambda r, n: r.exponential(mean, n)), mean)
+    if isinstance(model, sc.LognormalService):
+        sigma2 = float(np.log1p(model.cv**2))
+        mu = float(np.log(model.mean_ms)) - sigma2 / 2
+        return FromDistribution(Draws(rng, lambda r, n: r.lognormal(mu, np.sqrt(sigma2), n)),
+                                model.mean_ms)
+    if isinstance(model, sc.EmpiricalService):
+        samples = np.asarray(model.samples_ms, float)
+        return FromDistribution(Draws(rng, lambda r, n: r.choice(samples, n)), float(samples.mean()))
+    if isinstance(model, sc.TableService):
+        from simrec.calibration.table import load_table
+        try:
+            curve = load_table(model.table).curve(model.phase, model.condition)
+        except InputError as e:
+            raise InputError(e.message, e.source, where) from None
+        return FromTable(curve, rng, model.extrapolate, where)
+    raise TypeError(model)

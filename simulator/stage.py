@@ -1,0 +1,153 @@
+"""A stage: a pool of nodes served one batch at a time, and a dispatcher.
+
+Either each node has its own FIFO queue and a router picks the node on arrival, or
+(`router: shared`) all nodes pull from one FIFO queue, which is the M/M/c discipline.
+
+A node's worker is a plain SimPy generator: wait for work, optionally hold the batch open
+until it is full or the oldest job has waited `max_wait_ms`, serve it, repeat.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import simpy
+
+from .service import Draws, ServiceTime
+
+
+@dataclass(slots=True)
+class Job:
+    """One request's visit to one stage."""
+
+    rid: int
+    L: int
+    M: int
+    enqueued_ms: float
+    done: simpy.Event
+    node: int = -1
+    start_ms: float = 0.0
+    service_ms: float = 0.0
+    batch: int = 0
+
+
+@dataclass(slots=True)
+class Node:
+    index: int
+    queue: deque = field(default_factory=deque)
+    wakeup: simpy.Event | None = None
+    in_service: int = 0
+    busy_ms: float = 0.0           # total busy time so far
+    busy_since: float = -1.0       # start of the current batch, -1 when idle
+    busy_starts: list = field(default_factory=list)
+    busy_ends: list = field(default_factory=list)
+
+    def submit(self, job: Job) -> None:
+        self.queue.append(job)
+        if self.wakeup is not None:
+            self.wakeup.succeed()
+            self.wakeup = None
+
+    def busy_until(self, now: float) -> float:
+        """Busy time accumulated up to `now`, counting the batch in progress."""
+        return self.busy_ms + (now - self.busy_since if self.busy_since >= 0 else 0.0)
+
+
+@dataclass(slots=True)
+class Stage:
+    name: str
+    nodes: list[Node]
+    dispatch: Callable[[Job], None]
+    service: ServiceTime
+    max_batch: int
+    max_wait_ms: float
+    marginal_cost: float
+    hop_ms: float
+    candidates: int | None
+
+
+def batch_service_ms(stage: Stage, batch: list[Job]) -> float:
+    """The first job's draw plus marginal_cost times each other job's draw."""
+    sample = stage.service.sample
+    first = sample(batch[0].L, batch[0].M)
+    if len(batch) == 1:
+        return first
+    return first + stage.marginal_cost * sum(sample(j.L, j.M) for j in batch[1:])
+
+
+def node_worker(env: simpy.Environment, stage: Stage, node: Node):
+    """Serve the node's queue forever, one batch at a time."""
+    queue, max_batch, max_wait = node.queue, stage.max_batch, stage.max_wait_ms
+    while True:
+        while not queue:   # a shared queue may be emptied by a sibling before we run
+            node.wakeup = env.event()
+            yield node.wakeup
+        if max_batch > 1 and max_wait > 0:
+            deadline = queue[0].enqueued_ms + max_wait
+            while len(queue) < max_batch and env.now < deadline:
+                node.wakeup = env.event()
+                yield node.wakeup | env.timeout(deadline - env.now)
+                node.wakeup = None
+            if not queue:
+                continue
+        n = min(len(queue), max_batch)
+        batch = [queue.popleft() for _ in range(n)]
+        t = batch_service_ms(stage, batch)
+        now = env.now
+        node.in_service, node.busy_since = n, now
+        node.busy_starts.append(now)
+        yield env.timeout(t)
+        node.busy_ms += t
+        node.in_service, node.busy_since = 0, -1.0
+        node.busy_ends.append(env.now)
+        for job in batch:
+            job.node = node.index
+            job.start_ms, job.service_ms, job.batch = now, t, n
+            job.done.succeed()
+
+
+def make_dispatch(kind: str, nodes: list[Node], rng: np.random.Generator) -> Callable[[Job], None]:
+    """How a stage hands a job to its nodes; ties go to the lowest index."""
+    n = len(nodes)
+    if kind == "shared":
+        shared: deque = deque()
+        for nd in nodes:
+            nd.queue = shared
+
+        def to_shared_queue(job: Job) -> None:
+            shared.append(job)
+            for nd in nodes:
+                if nd.wakeup is not None:
+                    nd.wakeup.succeed()
+                    nd.wakeup = None
+                    return
+        return to_shared_queue
+    if n == 1:
+        return nodes[0].submit
+    if kind == "round_robin":
+        state = {"next": 0}
+
+        def round_robin(job: Job) -> None:
+            i = state["next"]
+            state["next"] = (i + 1) % n
+            nodes[i].submit(job)
+        return round_robin
+    if kind == "least_loaded":
+        return lambda job: min(nodes, key=_load).submit(job)
+    uniform = Draws(rng, lambda r, k: r.uniform(0, 1, k)).next
+    if kind == "random":
+        return lambda job: nodes[int(uniform() * n)].submit(job)
+    if kind == "power_of_two":
+        def power_of_two(job: Job) -> None:
+            a = int(uniform() * n)
+            b = (a + 1 + int(uniform() * (n - 1))) % n   # a different node, uniformly
+            min(nodes[a], nodes[b], key=_load).submit(job)
+        return power_of_two
+    raise ValueError(kind)
+
+
+def _load(node: Node) -> int:
+    return len(node.queue) + node.in_service
