@@ -62,16 +62,23 @@ def build_stages(scenario: sc.Scenario, rngs: list[np.random.Generator]) -> list
     return stages
 
 
-def run_replication(scenario: sc.Scenario, index: int) -> Replication:
+def prepare(scenario: sc.Scenario, index: int) -> tuple[RequestBatch, list[Stage], dict[str, int]]:
+    """Workload and stages of one replication, with every request shape checked against
+    the cost tables up front (so a bad shape fails before the run, not in the middle)."""
     rngs = stream(scenario.run.seed, index, 1 + 2 * len(scenario.stages))
     reqs = generate(scenario.workload, scenario.run, rngs[0])
     stages = build_stages(scenario, rngs[1:])
-    n = len(reqs)
     extrapolated = {}
     for s in stages:
-        M = np.full(n, s.candidates) if s.candidates else reqs.candidates
+        M = np.full(len(reqs), s.candidates) if s.candidates else reqs.candidates
         check = getattr(s.service, "check", None)
         extrapolated[s.name] = check(reqs.history_len, M) if check else 0
+    return reqs, stages, extrapolated
+
+
+def run_replication(scenario: sc.Scenario, index: int) -> Replication:
+    reqs, stages, extrapolated = prepare(scenario, index)
+    n = len(reqs)
     env = simpy.Environment()
     recs = {s.name: StageRecords(np.full(n, -1, np.int32), *(np.full(n, np.nan) for _ in range(3)),
                                  np.zeros(n, np.int32), np.zeros(n)) for s in stages}
@@ -109,16 +116,26 @@ def run_replication(scenario: sc.Scenario, index: int) -> Replication:
     samples: list[tuple] = []
 
     def sampler(env: simpy.Environment):
+        """Per node: own queue, jobs in service, busy fraction over the last interval.
+        One extra row per stage (node = -1) holds the stage totals; a shared queue
+        is counted only there."""
         last = {(s.name, nd.index): 0.0 for s in stages for nd in s.nodes}
         while not all_done.triggered:
             yield env.timeout(dt)
             for si, s in enumerate(stages):
+                shared = len(s.nodes) > 1 and s.nodes[0].queue is s.nodes[1].queue
+                in_service = busy_sum = 0.0
                 for nd in s.nodes:
                     busy = nd.busy_until(env.now)
                     key = (s.name, nd.index)
-                    samples.append((env.now, si, nd.index, len(nd.queue), nd.in_service,
-                                    (busy - last[key]) / dt))
+                    frac = (busy - last[key]) / dt
                     last[key] = busy
+                    in_service += nd.in_service
+                    busy_sum += frac
+                    samples.append((env.now, si, nd.index, 0 if shared else len(nd.queue),
+                                    nd.in_service, frac))
+                waiting = len(s.nodes[0].queue) if shared else sum(len(nd.queue) for nd in s.nodes)
+                samples.append((env.now, si, -1, waiting, in_service, busy_sum / len(s.nodes)))
 
     for s in stages:
         for nd in s.nodes:

@@ -1,0 +1,794 @@
+"""Torch microbenchmarks of the serving phases of a GR ranking cascade -> a cost table.
+
+Writes ``<out>/table.parquet``, ``<out>/kernels.parquet`` and ``<out>/manifest.json`` in the
+format of FORMAT.md. Run from the repository root::
+
+    python -m calibration.bench --device cuda --out /tmp/h100_gr_base
+    python -m calibration.bench --device cpu --layers 2 --d-model 128 --heads 4 --ffn 512 \\
+        --history-lens 64,128 --candidates 16,32 --out /tmp/cpu_tiny
+    python -m calibration.bench --summary calibration/tables/h100_gr_base
+
+Every timed call is one service: the device is synchronised after each call, and the time
+runs from just before the call is issued until the device has finished it (CUDA events on a
+GPU, ``time.perf_counter_ns`` on a CPU), so launch overhead is included. A point that cannot
+run (out of memory, say) stops the run with an error naming it; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .gr_models import GRModel, GRSpec, build_model, self_check, suffix_mask
+
+QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+TABLE_COLUMNS = ("phase", "condition", "history_len", "candidates", "quantile", "time_ms", "n_samples")
+KERNEL_COLUMNS = ("kernel", "dim_a", "dim_b", "dim_c", "condition", "quantile", "time_ms", "n_samples")
+L_PHASES = ("prefix_encode", "prefix_reload")                 # shape (L, 0)
+LM_PHASES = ("rank_cached", "full_forward")                   # shape (L, M), serving-critical
+M_PHASES = ("emb_gather", "retrieval_score", "prerank_mlp")   # shape (0, M)
+PHASES = ("prefix_encode", "rank_cached", "full_forward", "prefix_reload",
+          "emb_gather", "retrieval_score", "prerank_mlp")
+CONDITIONS = ("isolated", "idle_gap", "busy", "cache_pressure")
+
+CONDITION_NOTES = {
+    "isolated": "back-to-back: each call is issued as soon as the previous one has finished "
+                "(device synchronised after every call)",
+    "idle_gap": "before each call the host sleeps a uniform random {gap} ms with the device idle "
+                "(previous call synchronised), as a lightly loaded server sees",
+    "busy": "a second CUDA stream runs a bf16 {size}^3 GEMM loop the whole time, kept topped up so "
+            "at least max(40 ms, 4x the longest call seen) of GEMM work is queued before each "
+            "timed call; the timed call competes with it for SMs and memory bandwidth",
+    "cache_pressure": "{frac:.0%} of free device memory (capped at {cap}) is first filled with "
+                      "random prefix K/V slabs; rank_cached reads its cached prefix from a random "
+                      "place in that pool on every call (64 distinct users), full_forward runs "
+                      "with the pool resident; the allocator cache is emptied before filling",
+}
+
+
+# ----------------------------------------------------------------------------- timing
+
+class Clock:
+    """Times one call: CUDA events around it (then synchronise), or perf_counter_ns on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+
+    @property
+    def name(self) -> str:
+        return "cuda_events" if self.cuda else "perf_counter_ns"
+
+    def time(self, fn: Callable, args: tuple) -> float:
+        if self.cuda:
+            self.start.record()
+            fn(*args)
+            self.end.record()
+            self.end.synchronize()
+            return self.start.elapsed_time(self.end)
+        t0 = time.perf_counter_ns()
+        fn(*args)
+        return (time.perf_counter_ns() - t0) / 1e6
+
+
+@dataclass
+class Budget:
+    """How many timed calls a cell gets: about target_s of timed work, within [min_n, max_n].
+
+    After soft_deadline_s of the run has passed, every further cell gets min_n calls.
+    """
+    warmup: int
+    target_s: float
+    min_n: int
+    max_n: int
+    soft_deadline_s: float
+    t0: float = field(default_factory=time.monotonic)
+    late_cells: int = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def samples_for(self, est_ms: float, target_s: float | None = None, max_n: int | None = None) -> int:
+        if self.elapsed() > self.soft_deadline_s:
+            self.late_cells += 1
+            return self.min_n
+        want = math.ceil((target_s or self.target_s) * 1e3 / max(est_ms, 1e-3))
+        return int(min(max(want, self.min_n), max_n or self.max_n))
+
+
+def measure(fn: Callable, inputs: list[tuple], clock: Clock, budget: Budget,
+            hook: Callable[[float | None], None] | None = None,
+            target_s: float | None = None, max_n: int | None = None) -> np.ndarray:
+    """Warm up, then time calls one by one, rotating through the input sets. Returns ms."""
+    last: float | None = None
+    warm = []
+    for i in range(budget.warmup):
+        if hook:
+            hook(last)
+        last = clock.time(fn, inputs[i % len(inputs)])
+        warm.append(last)
+    est = float(np.median(warm[len(warm) // 2:]))
+    n = budget.samples_for(est, target_s, max_n)
+    out = np.empty(n)
+    for i in range(n):
+        if hook:
+            hook(last)
+        last = out[i] = clock.time(fn, inputs[(i + budget.warmup) % len(inputs)])
+    return out
+
+
+class IdleGap:
+    def __init__(self, lo_ms: float, hi_ms: float, rng: np.random.Generator):
+        self.lo, self.hi, self.rng = lo_ms, hi_ms, rng
+
+    def __call__(self, last_ms):
+        time.sleep(self.rng.uniform(self.lo, self.hi) / 1e3)
+
+
+class BusyStream:
+    """Keeps a second CUDA stream busy with a large GEMM loop while the main stream is timed."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, size: int = 8192, per_chunk: int = 2):
+        self.size, self.per_chunk = size, per_chunk
+        self.stream = torch.cuda.Stream(device)
+        self.a = torch.randn(size, size, device=device, dtype=dtype)
+        self.b = torch.randn(size, size, device=device, dtype=dtype)
+        self.c = torch.empty(size, size, device=device, dtype=dtype)
+        self.pending: deque = deque()
+        self.cover_ms = 40.0
+        for _ in range(2):  # warm up, then time one chunk
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record(self.stream)
+            self._chunk()
+            t1.record(self.stream)
+            t1.synchronize()
+        self.chunk_ms = t0.elapsed_time(t1)
+        self.tflops = 2 * size**3 * per_chunk / (self.chunk_ms * 1e-3) / 1e12
+
+    def _chunk(self):
+        with torch.cuda.stream(self.stream):
+            for _ in range(self.per_chunk):
+                torch.matmul(self.a, self.b, out=self.c)
+
+    def start_cell(self):
+        self.cover_ms = 40.0
+
+    def __call__(self, last_ms):
+        if last_ms is not None:
+            self.cover_ms = max(self.cover_ms, 4 * last_ms)
+        while self.pending and self.pending[0].query():
+            self.pending.popleft()
+        depth = math.ceil(self.cover_ms / self.chunk_ms)
+        while len(self.pending) < depth:
+            self._chunk()
+            ev = torch.cuda.Event()
+            ev.record(self.stream)
+            self.pending.append(ev)
+
+    def stop(self):
+        self.stream.synchronize()
+        self.pending.clear()
+
+
+class PressurePool:
+    """Slabs of random prefix K/V filling a fraction of free device (or host) memory."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, frac: float, cap_bytes: float,
+                 slab_bytes: int):
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _mem_available()
+        self.free_before = free
+        target = int(min(frac * free, cap_bytes))
+        esize = torch.empty(0, dtype=dtype).element_size()
+        block = torch.randn(1 << 20, device=device, dtype=dtype)
+        slab_elems = math.ceil(slab_bytes / esize / block.numel()) * block.numel()
+        slab_bytes = slab_elems * esize
+        self.slabs = []
+        for _ in range(max(1, target // slab_bytes)):
+            slab = torch.empty(slab_elems, device=device, dtype=dtype)
+            slab.view(-1, block.numel()).copy_(block)  # random-looking contents, cheaply
+            self.slabs.append(slab)
+        self.bytes = len(self.slabs) * slab_elems * esize
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def prefix(self, shape: tuple[int, ...], rng: np.random.Generator) -> torch.Tensor:
+        """A view shaped like one user's cached prefix, at a random place in the pool."""
+        n = math.prod(shape)
+        slab = self.slabs[int(rng.integers(len(self.slabs)))]
+        if n > slab.numel():
+            raise RuntimeError(f"a prefix of {n} elements does not fit a pool slab of {slab.numel()}")
+        off = int(rng.integers(0, (slab.numel() - n) // 256 + 1)) * 256
+        return slab[off:off + n].view(shape)
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+@dataclass
+class Config:
+    device: torch.device
+    spec: GRSpec
+    history_lens: list[int]
+    candidates: list[int]
+    conditions: list[str]
+    budget: Budget
+    kernel_target_s: float
+    kernel_max_n: int
+    rotate_bytes: int
+    emb_rows: int
+    emb_dim: int
+    corpus_items: int
+    retrieval_dim: int
+    prerank_hidden: tuple[int, ...]
+    gap_ms: tuple[float, float]
+    pressure_frac: float
+    pressure_cap_bytes: float
+    busy_gemm: int
+    kernels: bool
+    seed: int
+
+
+class Bench:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dev = cfg.device
+        self.spec = cfg.spec
+        self.dtype = cfg.spec.torch_dtype
+        self.rng = np.random.default_rng(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model: GRModel = build_model(cfg.spec, self.dev, cfg.seed)
+        self.clock = Clock(self.dev)
+        self.rows: list[tuple] = []
+        self.kernel_rows: list[tuple] = []
+        self.samples: dict[tuple, np.ndarray] = {}
+        self.pool: PressurePool | None = None
+        self.info: dict = {}
+        d = cfg.emb_dim
+        self.emb_table = torch.randn(cfg.emb_rows, d, device=self.dev, dtype=self.dtype)
+        self.corpus = torch.randn(cfg.corpus_items, cfg.retrieval_dim, device=self.dev, dtype=self.dtype)
+        dims = (2 * d, *cfg.prerank_hidden, 1)
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            layers += [nn.Linear(dims[i], dims[i + 1]), nn.ReLU()]
+        self.prerank = nn.Sequential(*layers[:-1]).to(self.dev, self.dtype).eval()
+        self.prerank_dims = list(dims)
+
+    # -- helpers
+    def randn(self, *shape) -> torch.Tensor:
+        return torch.randn(*shape, device=self.dev, dtype=self.dtype)
+
+    def n_sets(self, set_bytes: int, lo: int = 3, hi: int = 32) -> int:
+        """Enough input sets that one rotation moves about rotate_bytes (so caches don't flatter)."""
+        return int(min(max(math.ceil(self.cfg.rotate_bytes / max(set_bytes, 1)), lo), hi))
+
+    def tokens(self, t: int) -> torch.Tensor:
+        return self.randn(1, t, self.spec.d_model)
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+
+    # -- phase setups: each returns (fn, list of argument tuples)
+    def setup(self, phase: str, L: int, M: int, condition: str):
+        sp, m = self.spec, self.model
+        s, d = sp.short_term_tokens, sp.d_model
+        esize = self.dtype.itemsize
+        kv_bytes = L * sp.kv_bytes_per_token
+        if phase == "prefix_encode":
+            return m.encode_prefix, [(self.tokens(L),) for _ in range(self.n_sets(L * d * esize))]
+        if phase == "full_forward":
+            k = self.n_sets((L + s + M) * d * esize)
+            return m.full_forward, [(self.tokens(L), self.tokens(s), self.tokens(M)) for _ in range(k)]
+        if phase == "rank_cached":
+            if condition == "cache_pressure":
+                shape = (sp.layers, 2, 1, sp.heads, L, sp.head_dim)
+                small = [(self.tokens(s), self.tokens(M)) for _ in range(4)]
+                return m.rank_cached, [(self.pool.prefix(shape, self.rng), *small[i % 4]) for i in range(64)]
+            k = self.n_sets(kv_bytes)
+            return m.rank_cached, [(m.encode_prefix(self.tokens(L)), self.tokens(s), self.tokens(M))
+                                   for _ in range(k)]
+        if phase == "prefix_reload":
+            shape = m.new_kv(1, L, "meta").shape
+            dst = torch.empty(shape, device=self.dev, dtype=self.dtype)
+            srcs = []
+            for _ in range(self.n_sets(kv_bytes)):
+                src = torch.empty(shape, dtype=self.dtype, pin_memory=self.dev.type == "cuda")
+                src.copy_(self.randn(*shape))
+                srcs.append((src, dst))
+            return (lambda src, dst: dst.copy_(src, non_blocking=True)), srcs
+        if phase == "emb_gather":
+            ids = [(torch.randint(0, self.cfg.emb_rows, (M,), device=self.dev),) for _ in range(32)]
+            return (lambda i: F.embedding(i, self.emb_table)), ids
+        if phase == "retrieval_score":
+            users = [(self.randn(self.cfg.retrieval_dim, 1),) for _ in range(8)]
+            return (lambda u: torch.topk(torch.matmul(self.corpus, u).squeeze(1), M)), users
+        if phase == "prerank_mlp":
+            return self.prerank, [(self.randn(M, 2 * self.cfg.emb_dim),) for _ in range(self.n_sets(M * 2 * self.cfg.emb_dim * esize))]
+        raise ValueError(phase)
+
+    def shapes(self, phase: str) -> list[tuple[int, int]]:
+        Ls, Ms = self.cfg.history_lens, self.cfg.candidates
+        if phase in L_PHASES:
+            return [(L, 0) for L in Ls]
+        if phase in M_PHASES:
+            return [(0, M) for M in Ms]
+        return [(L, M) for L in Ls for M in Ms]
+
+    def run_cell(self, phase: str, condition: str, L: int, M: int, hook=None) -> np.ndarray:
+        gc.collect()
+        try:
+            fn, inputs = self.setup(phase, L, M, condition)
+            self.sync()
+            if isinstance(hook, BusyStream):
+                hook.start_cell()
+            samples = measure(fn, inputs, self.clock, self.cfg.budget, hook)
+            del fn, inputs
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(f"out of memory at phase={phase} condition={condition} L={L} M={M}; "
+                               "choose a smaller grid") from e
+        if not np.all(np.isfinite(samples)) or np.any(samples <= 0):
+            raise RuntimeError(f"bad timings at {phase}/{condition} L={L} M={M}: {samples[:5]}")
+        q = np.quantile(samples, QUANTILES)
+        for qq, t in zip(QUANTILES, q):
+            self.rows.append((phase, condition, L, M, qq, float(t), len(samples)))
+        self.samples[(phase, condition, L, M)] = samples
+        print(f"[{self.cfg.budget.elapsed():6.1f}s] {phase:15s} {condition:14s} L={L:6d} M={M:5d} "
+              f"n={len(samples):4d} p50={q[4]:9.3f} p99={q[8]:9.3f} ms", flush=True)
+        return samples
+
+    def run_phase(self, phase: str, condition: str, hook=None):
+        t0 = time.monotonic()
+        cells = self.shapes(phase)
+        order = self.rng.permutation(len(cells))  # shuffled, so drift does not follow the grid
+        print(f"== {phase} / {condition}: {len(cells)} shapes", flush=True)
+        for i in order:
+            self.run_cell(phase, condition, *cells[i], hook=hook)
+        print(f"== {phase} / {condition} done in {time.monotonic() - t0:.1f}s", flush=True)
+
+    # -- the run
+    def preflight(self):
+        """Run the largest shapes once, so a grid that does not fit fails at the start."""
+        sp, Lmax, Mmax = self.spec, max(self.cfg.history_lens), max(self.cfg.candidates)
+        s = sp.short_term_tokens
+        t0 = time.monotonic()
+        try:
+            with torch.inference_mode():
+                kv = self.model.encode_prefix(self.tokens(Lmax))
+                self.model.rank_cached(kv, self.tokens(s), self.tokens(Mmax))
+                del kv
+                self.model.full_forward(self.tokens(Lmax), self.tokens(s), self.tokens(Mmax))
+                self.sync()
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(f"largest shape L={Lmax} M={Mmax} does not fit on {self.dev}: "
+                               "choose a smaller grid") from e
+        peak = torch.cuda.max_memory_allocated(self.dev) if self.dev.type == "cuda" else None
+        print(f"preflight L={Lmax} M={Mmax} ok in {time.monotonic() - t0:.2f}s"
+              + (f", peak allocated {peak / 2**30:.2f} GiB" if peak else ""), flush=True)
+        self.info["preflight_peak_gib"] = None if peak is None else round(peak / 2**30, 3)
+
+    def run(self):
+        cfg = self.cfg
+        check = self_check(self.model, self.dev)
+        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
+        print(f"model self-check: {check} (tolerance {tol})", flush=True)
+        if check["cached_vs_full"] > tol or check["candidate_leak"] > tol:
+            raise RuntimeError(f"model self-check failed: {check}")
+        self.info["self_check"] = check
+        self.preflight()
+        with torch.inference_mode():
+            for phase in PHASES:
+                self.run_phase(phase, "isolated")
+            if "idle_gap" in cfg.conditions:
+                hook = IdleGap(*cfg.gap_ms, self.rng)
+                for phase in LM_PHASES:
+                    self.run_phase(phase, "idle_gap", hook)
+            if "busy" in cfg.conditions:
+                bg = BusyStream(self.dev, self.dtype, cfg.busy_gemm)
+                print(f"busy stream: {cfg.busy_gemm}^3 GEMM chunk of {bg.per_chunk} = "
+                      f"{bg.chunk_ms:.2f} ms ({bg.tflops:.0f} TFLOP/s alone)", flush=True)
+                self.info["busy"] = {"gemm": cfg.busy_gemm, "chunk_ms": round(bg.chunk_ms, 3),
+                                     "tflops_alone": round(bg.tflops, 1)}
+                for phase in LM_PHASES:
+                    self.run_phase(phase, "busy", bg)
+                bg.stop()
+                del bg
+            if "cache_pressure" in cfg.conditions:
+                gc.collect()
+                if self.dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                slab = 1 << 30 if self.dev.type == "cuda" else 1 << 28
+                slab = max(slab, max(cfg.history_lens) * self.spec.kv_bytes_per_token)
+                t0 = time.monotonic()
+                self.pool = PressurePool(self.dev, self.dtype, cfg.pressure_frac, cfg.pressure_cap_bytes, slab)
+                print(f"cache pressure: {self.pool.bytes / 2**30:.2f} GiB of prefix K/V filled "
+                      f"(free before {self.pool.free_before / 2**30:.2f} GiB) in "
+                      f"{time.monotonic() - t0:.1f}s", flush=True)
+                self.info["cache_pressure"] = {"pool_gib": round(self.pool.bytes / 2**30, 2),
+                                               "free_before_gib": round(self.pool.free_before / 2**30, 2)}
+                for phase in LM_PHASES:
+                    self.run_phase(phase, "cache_pressure")
+                self.pool = None
+                gc.collect()
+                if self.dev.type == "cuda":
+                    torch.cuda.empty_cache()
+            if cfg.kernels:
+                self.run_kernels()
+
+    # -- kernels
+    def kernel_list(self) -> list[tuple[str, int, int, int]]:
+        """(kernel, dim_a, dim_b, dim_c) of the main kernels the phases are made of."""
+        sp, cfg = self.spec, self.cfg
+        s, d = sp.short_term_tokens, sp.d_model
+        Ls, Ms = cfg.history_lens, cfg.candidates
+        if sp.arch == "transformer":
+            weights = [(3 * d, d), (d, d), (sp.ffn, d), (d, sp.ffn)]
+        else:
+            weights = [(4 * d, d), (d, d)]
+        tokens = set(Ls) | {s + M for M in Ms} | {L + s + M for L in Ls for M in Ms}
+        out = [("gemm", t, n, k) for t in sorted(tokens) for n, k in weights]
+        dims = self.prerank_dims
+        out += [("gemm", M, dims[i + 1], dims[i]) for M in Ms for i in range(len(dims) - 1)]
+        out += [("gemm", cfg.corpus_items, 1, cfg.retrieval_dim)]
+        out += [("attn_causal", L, L, d) for L in Ls]
+        out += [("attn_target", s + M, L + s + M, d) for L in Ls for M in Ms]
+        out += [("kv_concat", L, s + M, d) for L in Ls for M in Ms]
+        out += [("emb_gather", M, cfg.emb_dim, cfg.emb_rows) for M in Ms]
+        out += [("topk", cfg.corpus_items, M, 0) for M in Ms]
+        return list(dict.fromkeys(out))
+
+    def kernel_setup(self, kernel: str, a: int, b: int, c: int):
+        sp, esize = self.spec, self.dtype.itemsize
+        h, hd = sp.heads, sp.head_dim
+        blk = self.model.blocks[0]
+        if kernel == "gemm":
+            w = self.randn(b, c)
+            return F.linear, [(self.randn(a, c), w) for _ in range(self.n_sets(a * c * esize, 2, 16))]
+        if kernel == "attn_causal":
+            k = self.n_sets(3 * a * c * esize, 2, 8)
+            return blk.attend_causal, [tuple(self.randn(1, h, a, hd) for _ in range(3)) for _ in range(k)]
+        if kernel == "attn_target":
+            s = sp.short_term_tokens
+            mask = suffix_mask(b - a, s, a - s, self.dev)
+            k = self.n_sets(2 * b * c * esize, 2, 8)
+            return blk.attend_masked, [(self.randn(1, h, a, hd), self.randn(1, h, b, hd),
+                                        self.randn(1, h, b, hd), mask) for _ in range(k)]
+        if kernel == "kv_concat":
+            k = self.n_sets(a * c * esize, 2, 16)
+            return (lambda x, y: torch.cat([x, y], dim=2)), [
+                (self.randn(1, h, a, hd), self.randn(1, h, b, hd)) for _ in range(k)]
+        if kernel == "emb_gather":
+            return self.setup("emb_gather", 0, a, "isolated")
+        if kernel == "topk":
+            return (lambda x: torch.topk(x, b)), [(self.randn(a),) for _ in range(4)]
+        raise ValueError(kernel)
+
+    def run_kernels(self):
+        t0 = time.monotonic()
+        ks = self.kernel_list()
+        print(f"== kernels / isolated: {len(ks)} shapes", flush=True)
+        for kernel, a, b, c in ks:
+            gc.collect()
+            try:
+                fn, inputs = self.kernel_setup(kernel, a, b, c)
+                self.sync()
+                x = measure(fn, inputs, self.clock, self.cfg.budget,
+                            target_s=self.cfg.kernel_target_s, max_n=self.cfg.kernel_max_n)
+                del fn, inputs
+            except torch.OutOfMemoryError as e:
+                raise RuntimeError(f"out of memory at kernel {kernel} [{a},{b},{c}]") from e
+            for qq, t in zip(QUANTILES, np.quantile(x, QUANTILES)):
+                self.kernel_rows.append((kernel, a, b, c, "isolated", qq, float(t), len(x)))
+        print(f"== kernels done in {time.monotonic() - t0:.1f}s", flush=True)
+
+    # -- output
+    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        t = pd.DataFrame(self.rows, columns=list(TABLE_COLUMNS))
+        k = pd.DataFrame(self.kernel_rows, columns=list(KERNEL_COLUMNS))
+        for f, ints in ((t, ("history_len", "candidates", "n_samples")),
+                        (k, ("dim_a", "dim_b", "dim_c", "n_samples"))):
+            for col in ints:
+                f[col] = f[col].astype("int64")
+        return t, k
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def _versions(device: torch.device) -> dict:
+    driver = None
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        if r.returncode == 0 and r.stdout.strip():
+            driver = r.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "driver": driver,
+            "python": platform.python_version(), "numpy": np.__version__,
+            "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None}
+
+
+def _device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return {"name": torch.cuda.get_device_name(device), "kind": "cuda",
+                "memory_gib": round(p.total_memory / 2**30, 1), "multiprocessors": p.multi_processor_count}
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"name": name, "kind": "cpu", "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+
+
+def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
+    cfg = bench.cfg
+    out.mkdir(parents=True, exist_ok=True)
+    table, kernels = bench.frames()
+    tpath, kpath = out / "table.parquet", out / "kernels.parquet"
+    table.to_parquet(tpath, index=False)
+    kernels.to_parquet(kpath, index=False)
+    digest = hashlib.sha256(tpath.read_bytes()).hexdigest()
+    b = cfg.budget
+    gap = f"{cfg.gap_ms[0]:g}-{cfg.gap_ms[1]:g}"
+    cap = "no cap" if math.isinf(cfg.pressure_cap_bytes) else f"{cfg.pressure_cap_bytes / 2**30:g} GiB"
+    conds = {c: CONDITION_NOTES[c].format(gap=gap, size=cfg.busy_gemm, frac=cfg.pressure_frac, cap=cap)
+             for c in ["isolated", *cfg.conditions] if c in CONDITION_NOTES}
+    conds = {c: conds[c] for c in CONDITIONS if c in conds}
+    model = {**cfg.spec.to_dict(), "emb_rows": cfg.emb_rows, "emb_dim": cfg.emb_dim,
+             "corpus_items": cfg.corpus_items, "retrieval_dim": cfg.retrieval_dim,
+             "prerank_mlp": bench.prerank_dims, "batch": 1}
+    manifest = {
+        "format_version": 1,
+        "name": name,
+        "label": "measured",
+        "table_file": tpath.name,
+        "sha256": digest,
+        "device": _device_info(cfg.device),
+        "versions": _versions(cfg.device),
+        "date": datetime.date.today().isoformat(),
+        "model": model,
+        "grid": {"history_len": list(cfg.history_lens), "candidates": list(cfg.candidates)},
+        "method": {
+            "warmup": b.warmup,
+            "repeats": b.max_n,
+            "min_samples": b.min_n,
+            "target_s_per_point": b.target_s,
+            "timer": bench.clock.name,
+            "notes": (
+                "One request (batch 1) per call; the device is synchronised after every call and "
+                "the time covers issue to completion, launch overhead included. Per grid point: "
+                f"{b.warmup} warm-up calls, then about {b.target_s:g} s of timed calls, at least "
+                f"{b.min_n} and at most {b.max_n} (n_samples says how many; quantiles from few "
+                "samples, the 0.99 one especially, are crude). Inputs rotate among pre-allocated "
+                f"sets that together span about {cfg.rotate_bytes / 2**20:.0f} MiB (3-32 sets) so "
+                "caches don't flatter. Grid points run in random order within a phase and "
+                "condition. Inputs are random token embeddings (no embedding lookup inside the "
+                "ranking phases). rank_cached appends the suffix K/V to the cached K/V with "
+                "torch.cat in every layer. prefix_reload copies one contiguous [layers,2,1,heads,"
+                "L,head_dim] tensor from pinned host memory (on a CPU device: a plain memcpy). "
+                "emb_gather is F.embedding of M random ids; retrieval_score is corpus @ user then "
+                "torch.topk(K=candidates); prerank_mlp is the MLP in model.prerank_mlp over K "
+                "rows. Eager PyTorch, no CUDA graphs, no torch.compile."),
+            "conditions": conds,
+            "phases_per_condition": {"isolated": list(PHASES),
+                                     **{c: list(LM_PHASES) for c in cfg.conditions if c != "isolated"}},
+            "quantiles": list(QUANTILES),
+            "quantile_method": "numpy.quantile, linear interpolation",
+            "kernels_file": kpath.name,
+            "kernels_sha256": hashlib.sha256(kpath.read_bytes()).hexdigest(),
+            "soft_deadline_s": b.soft_deadline_s,
+            "points_cut_to_min_samples": b.late_cells,
+            "run_seconds": round(time.monotonic() - started, 1),
+            "seed": cfg.seed,
+            "command": " ".join(sys.argv),
+            **bench.info,
+        },
+        "errors": {},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- summary
+
+def summarize(table: pd.DataFrame, manifest: dict) -> str:
+    lines = []
+    kvpt = manifest["model"]["kv_bytes_per_token"]
+    key = ["phase", "condition", "history_len", "candidates"]
+    med = table[table["quantile"] == 0.5].set_index(key)["time_ms"].sort_index()
+    p99 = table[table["quantile"] == 0.99].set_index(key)["time_ms"].sort_index()
+    lines.append(f"# {manifest['name']}: {manifest['device']['name']}, {manifest['model']['arch']} "
+                 f"{manifest['model']['layers']}x{manifest['model']['d_model']} {manifest['model']['dtype']}")
+    for phase in LM_PHASES:
+        if (phase, "isolated") not in med.index.droplevel([2, 3]):
+            continue
+        piv = med.loc[phase, "isolated"].unstack("candidates")
+        lines.append(f"\n{phase} isolated p50 ms (rows L, columns M)")
+        lines.append(piv.to_string(float_format=lambda v: f"{v:8.3f}"))
+    for phase in L_PHASES:
+        if (phase, "isolated") not in med.index.droplevel([2, 3]):
+            continue
+        lines.append(f"\n{phase} isolated")
+        for (L, _), v in med.loc[phase, "isolated"].items():
+            extra = f"  {L * kvpt / v / 1e6:7.2f} GB/s" if phase == "prefix_reload" else ""
+            lines.append(f"  L={L:6d} p50={v:9.3f} p99={p99.loc[phase, 'isolated', L, 0]:9.3f} ms{extra}")
+    for phase in M_PHASES:
+        if (phase, "isolated") not in med.index.droplevel([2, 3]):
+            continue
+        vals = "  ".join(f"M={M}:{v:.3f}" for (_, M), v in med.loc[phase, "isolated"].items())
+        lines.append(f"{phase:15s} isolated p50 ms  {vals}")
+    lines.append("\nin-serving conditions vs isolated, over all (L, M) points: "
+                 "ratio of p50 to isolated p50 [min / median / max]; p99 to isolated p50 median")
+    for phase in LM_PHASES:
+        for cond in CONDITIONS[1:]:
+            try:
+                c50, c99, iso = med.loc[phase, cond], p99.loc[phase, cond], med.loc[phase, "isolated"]
+            except KeyError:
+                continue
+            r = (c50 / iso).dropna()
+            r99 = (c99 / iso).dropna()
+            lines.append(f"  {phase:13s} {cond:14s} p50 x{r.min():.2f} / x{r.median():.2f} / x{r.max():.2f}"
+                         f"   p99 x{r99.median():.2f}")
+        iso99 = (p99.loc[phase, "isolated"] / med.loc[phase, "isolated"]).median()
+        lines.append(f"  {phase:13s} {'isolated':14s} p99/p50 median x{iso99:.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _ints(text: str) -> list[int]:
+    vals = [int(v) for v in text.split(",") if v.strip()]
+    if not vals or min(vals) <= 0:
+        raise argparse.ArgumentTypeError(f"need a comma-separated list of positive ints (got {text!r})")
+    return sorted(set(vals))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m calibration.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="output folder (table.parquet, kernels.parquet, manifest.json)")
+    p.add_argument("--name", help="table name in the manifest (default: the output folder's name)")
+    p.add_argument("--summary", type=Path, metavar="DIR", help="print the summary of an existing table and exit")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", default="transformer", choices=("transformer", "hstu"))
+    m.add_argument("--layers", type=int, default=8)
+    m.add_argument("--d-model", type=int, default=512)
+    m.add_argument("--heads", type=int, default=8)
+    m.add_argument("--ffn", type=int, default=2048)
+    m.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    m.add_argument("--short-term", type=int, default=32)
+    g = p.add_argument_group("grid")
+    g.add_argument("--history-lens", type=_ints, default=_ints("256,512,1024,2048,4096,8192,16384"))
+    g.add_argument("--candidates", type=_ints, default=_ints("32,64,128,256,512,1024"))
+    g.add_argument("--emb-rows", type=int, default=None, help="default 1M on cuda, 200k on cpu")
+    g.add_argument("--emb-dim", type=int, default=64)
+    g.add_argument("--corpus", type=int, default=None, help="retrieval corpus; default 1M on cuda, 100k on cpu")
+    g.add_argument("--retrieval-dim", type=int, default=64)
+    g.add_argument("--prerank-hidden", type=_ints_ordered, default=(256, 64))
+    t = p.add_argument_group("method")
+    t.add_argument("--conditions", default="isolated,idle_gap,busy,cache_pressure",
+                   help="isolated always runs; busy is dropped on cpu")
+    t.add_argument("--warmup", type=int, default=None, help="default 10 on cuda, 3 on cpu")
+    t.add_argument("--target-s", type=float, default=0.5, help="timed seconds per grid point")
+    t.add_argument("--min-samples", type=int, default=30)
+    t.add_argument("--max-samples", type=int, default=300)
+    t.add_argument("--kernel-target-s", type=float, default=0.1)
+    t.add_argument("--kernel-max-samples", type=int, default=200)
+    t.add_argument("--soft-deadline-s", type=float, default=420.0,
+                   help="after this many seconds every further point gets --min-samples calls")
+    t.add_argument("--rotate-mib", type=float, default=None, help="default 256 on cuda, 64 on cpu")
+    t.add_argument("--gap-ms", type=_floats2, default=(2.0, 5.0))
+    t.add_argument("--pressure-frac", type=float, default=0.6)
+    t.add_argument("--pressure-max-gib", type=float, default=None, help="default: none on cuda, 2 on cpu")
+    t.add_argument("--busy-gemm", type=int, default=8192)
+    t.add_argument("--no-kernels", action="store_true")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.summary is None and args.out is None:
+        p.error("--out is required (or --summary DIR)")
+    return args
+
+
+def _ints_ordered(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def _floats2(text: str) -> tuple[float, float]:
+    lo, hi = (float(v) for v in text.split(","))
+    if not 0 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"need LO,HI with 0 <= LO <= HI (got {text!r})")
+    return lo, hi
+
+
+def config_from_args(a: argparse.Namespace) -> Config:
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
+    cuda = device.type == "cuda"
+    spec = GRSpec(arch=a.arch, layers=a.layers, d_model=a.d_model, heads=a.heads, ffn=a.ffn,
+                  dtype=a.dtype or ("bfloat16" if cuda else "float32"), short_term_tokens=a.short_term)
+    conds = [c.strip() for c in a.conditions.split(",") if c.strip()]
+    unknown = set(conds) - set(CONDITIONS)
+    if unknown:
+        raise SystemExit(f"unknown condition(s): {sorted(unknown)} (known: {CONDITIONS})")
+    conds = [c for c in CONDITIONS[1:] if c in conds and (cuda or c != "busy")]
+    cap = a.pressure_max_gib if a.pressure_max_gib is not None else (math.inf if cuda else 2.0)
+    return Config(
+        device=device, spec=spec, history_lens=a.history_lens, candidates=a.candidates,
+        conditions=conds,
+        budget=Budget(warmup=a.warmup if a.warmup is not None else (10 if cuda else 3),
+                      target_s=a.target_s, min_n=a.min_samples, max_n=max(a.max_samples, a.min_samples),
+                      soft_deadline_s=a.soft_deadline_s),
+        kernel_target_s=a.kernel_target_s, kernel_max_n=max(a.kernel_max_samples, a.min_samples),
+        rotate_bytes=int((a.rotate_mib or (256 if cuda else 64)) * 2**20),
+        emb_rows=a.emb_rows or (1_000_000 if cuda else 200_000), emb_dim=a.emb_dim,
+        corpus_items=a.corpus or (1_000_000 if cuda else 100_000), retrieval_dim=a.retrieval_dim,
+        prerank_hidden=a.prerank_hidden, gap_ms=a.gap_ms, pressure_frac=a.pressure_frac,
+        pressure_cap_bytes=cap * 2**30, busy_gemm=a.busy_gemm, kernels=not a.no_kernels, seed=a.seed)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.summary is not None:
+        manifest = json.loads((args.summary / "manifest.json").read_text())
+        print(summarize(pd.read_parquet(args.summary / manifest["table_file"]), manifest))
+        return 0
+    started = time.monotonic()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = config_from_args(args)
+    cfg.budget.t0 = started
+    name = args.name or args.out.resolve().name
+    print(f"simrec calibration bench: {name} on {_device_info(cfg.device)['name']} "
+          f"({cfg.device}), torch {torch.__version__}, model {cfg.spec.to_dict()}", flush=True)
+    print(f"grid L={cfg.history_lens} M={cfg.candidates}; conditions isolated+{cfg.conditions}", flush=True)
+    bench = Bench(cfg)
+    try:
+        bench.run()
+    except BaseException:
+        if bench.rows:  # keep what was measured for diagnosis; it is not a valid table
+            args.out.mkdir(parents=True, exist_ok=True)
+            bench.frames()[0].to_parquet(args.out / "partial_table.parquet", index=False)
+            print(f"FAILED; {len(bench.rows)} rows kept in {args.out / 'partial_table.parquet'}",
+                  file=sys.stderr, flush=True)
+        raise
+    manifest = write_outputs(bench, args.out, name, started)
+    print(f"\nwrote {args.out}/table.parquet ({len(bench.rows)} rows), kernels.parquet "
+          f"({len(bench.kernel_rows)} rows), manifest.json in {time.monotonic() - started:.1f}s\n", flush=True)
+    print(summarize(pd.read_parquet(args.out / "table.parquet"), manifest), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""Shared helpers: build scenarios from dicts, and invariants every run must satisfy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import simrec
+from simrec.loader import validate
+
+
+def scenario(stages: dict, rate_qps: float, requests: int = 20_000, replications: int = 8,
+             seed: int = 11, **run) -> simrec.Scenario:
+    """A scenario with Poisson arrivals and the given stages (dicts as in YAML)."""
+    return validate({
+        "name": "test", "workload": {"rate_qps": rate_qps, "arrivals": {"kind": "poisson"}},
+        "stages": stages, "slo": {"p99_ms": 100.0},
+        "run": {"requests": requests, "replications": replications, "seed": seed, **run},
+    })
+
+
+def station(c: int = 1, service: dict | None = None, router: str = "shared", **extra) -> dict:
+    return {"nodes": {"count": c, "device": "cpu"}, "router": router,
+            "service": service or {"kind": "exponential", "mean_ms": 10.0}, **extra}
+
+
+def ci_contains(values, theory: float, level: float = 0.99) -> tuple[bool, float, float]:
+    """Does the t-interval over replication estimates contain the theoretical value?"""
+    from scipy import stats
+    v = np.asarray(values, float)
+    half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return abs(v.mean() - theory) <= half, float(v.mean()), float(half)
+
+
+def check_invariants(results: simrec.Results) -> None:
+    """Conservation, Little's law per stage, and utilisation = lambda E[S] / c."""
+    req = results.requests.to_pandas()
+    scen = results.scenario
+    s = results.summary
+    # No request created or lost: every created request completed every stage once.
+    assert s["requests"]["created"] == len(req) == s["requests"]["completed"]
+    for rep, g in req.groupby("replication"):
+        assert (g["request_id"].to_numpy() == np.arange(len(g))).all()
+    assert req["completion_ms"].notna().all()
+    for name, st in scen.stages.items():
+        assert (req[f"{name}_node"] >= 0).all() and (req[f"{name}_node"] < st.nodes.count).all()
+        assert (req[f"{name}_wait_ms"] >= -1e-9).all()
+        assert (req[f"{name}_service_ms"] > 0).all()
+    hops = sum(req[f"{n}_wait_ms"] + req[f"{n}_service_ms"] + req[f"{n}_hop_ms"] for n in scen.stages)
+    np.testing.assert_allclose(hops, req["latency_ms"], rtol=1e-9, atol=1e-6)
+
+    ts = results.timeseries.to_pandas()
+    names = list(scen.stages)
+    for rep in results.replications:
+        g = req[req["replication"] == rep.index]
+        t_end = rep.stopped_ms
+        tsr = ts[ts["replication"] == rep.index]
+        for name in names:
+            c = scen.stages[name].nodes.count
+            # Little's law over the whole run (empty at both ends): the time-average number
+            # in the stage, measured from the sampled queue + in-service counts, equals
+            # lambda * W from the request records. Sampling error only.
+            # Tolerance: 4 standard errors of the sampled mean, from 20 batch means (the
+            # samples are autocorrelated, batch means are nearly independent).
+            x = tsr[(tsr["stage"] == name) & (tsr["node"] == -1)]
+            n_t = (x["queue_len"] + x["in_service"]).to_numpy(float)
+            batches = np.array_split(n_t, 20)
+            se = np.std([b.mean() for b in batches], ddof=1) / np.sqrt(20)
+            sojourn = g[f"{name}_wait_ms"] + g[f"{name}_service_ms"]
+            lam_W = sojourn.sum() / t_end
+            assert abs(n_t.mean() - lam_W) <= 4 * se + 1e-9, (name, n_t.mean(), lam_W, se)
+            # Utilisation from node busy intervals equals lambda E[S] / c from the records
+            # (exact for unbatched stages: each service interval is one job).
+            busy = sum(float(np.sum(e - s_)) for s_, e in rep.busy[name])
+            if scen.stages[name].batch.max_size == 1:
+                assert busy / (c * t_end) == pytest.approx(
+                    len(g) / t_end * g[f"{name}_service_ms"].mean() / c, rel=1e-9)
