@@ -55,9 +55,10 @@ CONDITION_NOTES = {
                 "(device synchronised after every call)",
     "idle_gap": "before each call the host sleeps a uniform random {gap} ms with the device idle "
                 "(previous call synchronised), as a lightly loaded server sees",
-    "busy": "a second CUDA stream runs a bf16 {size}^3 GEMM loop the whole time, kept topped up so "
-            "at least max(40 ms, 4x the longest call seen) of GEMM work is queued before each "
-            "timed call; the timed call competes with it for SMs and memory bandwidth",
+    "busy": "a second CUDA stream (default priority) runs a {size}^3 GEMM loop in the model dtype the "
+            "whole time; before each timed call its queue is topped up to min(max(40 ms, 2x the "
+            "longest call seen at this point), 120 ms) of GEMM work, so the timed call competes with "
+            "it for SMs and memory bandwidth from start to end",
     "cache_pressure": "{frac:.0%} of free device memory (capped at {cap}) is first filled with "
                       "random prefix K/V slabs; rank_cached reads its cached prefix from a random "
                       "place in that pool on every call (64 distinct users), full_forward runs "
@@ -149,14 +150,16 @@ class IdleGap:
 class BusyStream:
     """Keeps a second CUDA stream busy with a large GEMM loop while the main stream is timed."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, size: int = 8192, per_chunk: int = 2):
+    MIN_COVER_MS, MAX_COVER_MS = 40.0, 120.0
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, size: int = 4096, per_chunk: int = 4):
         self.size, self.per_chunk = size, per_chunk
         self.stream = torch.cuda.Stream(device)
         self.a = torch.randn(size, size, device=device, dtype=dtype)
         self.b = torch.randn(size, size, device=device, dtype=dtype)
         self.c = torch.empty(size, size, device=device, dtype=dtype)
         self.pending: deque = deque()
-        self.cover_ms = 40.0
+        self.cover_ms = self.MIN_COVER_MS
         for _ in range(2):  # warm up, then time one chunk
             t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0.record(self.stream)
@@ -172,11 +175,12 @@ class BusyStream:
                 torch.matmul(self.a, self.b, out=self.c)
 
     def start_cell(self):
-        self.cover_ms = 40.0
+        self.cover_ms = self.MIN_COVER_MS
 
     def __call__(self, last_ms):
+        """Before a timed call: top the queue up to cover_ms of GEMM work (2x the last call, clamped)."""
         if last_ms is not None:
-            self.cover_ms = max(self.cover_ms, 4 * last_ms)
+            self.cover_ms = min(max(self.cover_ms, 2 * last_ms), self.MAX_COVER_MS)
         while self.pending and self.pending[0].query():
             self.pending.popleft()
         depth = math.ceil(self.cover_ms / self.chunk_ms)
@@ -710,7 +714,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--gap-ms", type=_floats2, default=(2.0, 5.0))
     t.add_argument("--pressure-frac", type=float, default=0.6)
     t.add_argument("--pressure-max-gib", type=float, default=None, help="default: none on cuda, 2 on cpu")
-    t.add_argument("--busy-gemm", type=int, default=8192)
+    t.add_argument("--busy-gemm", type=int, default=4096)
     t.add_argument("--no-kernels", action="store_true")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--seed", type=int, default=0)

@@ -32,9 +32,9 @@ class _OneLineErrors(TyperGroup):
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
         try:
-            return super().main(*args, **kwargs)
+            code = super().main(*args, **kwargs)   # non-standalone: Exit(n) comes back as n
         except typer.Exit as e:
-            sys.exit(e.exit_code)
+            code = e.exit_code
         except typer.Abort:
             sys.exit(1)
         except ClickException as e:
@@ -42,6 +42,7 @@ class _OneLineErrors(TyperGroup):
             cmd = f"{ctx.command_path}: " if ctx is not None else ""
             print(f"error: {cmd}{e.format_message()}", file=sys.stderr)
             sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
@@ -49,7 +50,7 @@ app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True
                   help="simrec: simulate recommendation serving cascades (retrieval -> "
                        "pre-processing -> ranking) on GPU/NPU nodes.")
 err = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 
 def _fail(e: InputError, scenario: Path | None = None) -> None:

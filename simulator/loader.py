@@ -65,7 +65,8 @@ def validate(data: dict, source: str = "<scenario>", root: yaml.Node | None = No
         more = len(e.errors()) - 1
         if more:
             message += f" (and {more} more error{'s' if more > 1 else ''})"
-        if any(loc[:len(k)] == k for k in overridden):
+        n = len(loc)
+        if loc and any(loc[:len(k)] == k or k[:n] == loc for k in overridden):
             raise InputError(message, "--set", ".".join(loc)) from None
         line = _line_of(root, loc) if root is not None else None
         raise InputError(message, source, ".".join(loc) or None, line) from None
@@ -164,7 +165,7 @@ def _message(err: dict) -> str:
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
               "less_than_equal": "<="}[kind]
         bound = next(iter(ctx.values()))
-        return f"must be {op} {bound} (got {got!r})"
+        return f"must be {op} {bound:g} (got {got!r})"
     if kind == "literal_error":
         return f"must be {ctx.get('expected')} (got {got!r})"
     if kind == "union_tag_invalid":
