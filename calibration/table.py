@@ -21,6 +21,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from simrec.errors import InputError
+from simrec.tabular import numeric, read_frame, row_error
 
 TABLES_DIR = Path(__file__).parent / "tables"
 PHASES = ("prefix_encode", "rank_cached", "full_forward", "prefix_reload", "emb_gather",
@@ -143,59 +144,36 @@ def load_table(ref: str) -> CostTable:
     if digest != manifest.sha256:
         raise InputError(f"sha256 mismatch: manifest says {manifest.sha256[:12]}..., "
                          f"file is {digest[:12]}...", str(mpath), "sha256")
-    frame = read_rows(tpath)
-    return CostTable(manifest, mpath, build_curves(frame, str(tpath)))
+    return CostTable(manifest, mpath, build_curves(read_frame(tpath, COLUMNS), tpath))
 
 
-def read_rows(path: Path) -> pd.DataFrame:
-    try:
-        if path.suffix == ".csv":
-            frame = pd.read_csv(path)
-        else:
-            frame = pd.read_parquet(path)
-    except Exception as e:  # pyarrow/pandas raise many types for a corrupt file
-        raise InputError(f"cannot read table: {e}", str(path)) from None
-    return frame
-
-
-def build_curves(frame: pd.DataFrame, source: str) -> dict[tuple[str, str], PhaseCurve]:
+def build_curves(frame: pd.DataFrame, path: Path) -> dict[tuple[str, str], PhaseCurve]:
     """Validate tidy rows and pivot them into one PhaseCurve per (phase, condition)."""
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise InputError(f"missing column(s): {', '.join(missing)}", source)
-    csv = source.endswith(".csv")
-
-    def row_err(i: int, msg: str) -> InputError:
-        # CSV: header is line 1, so row i is line i + 2. Parquet: report the row index.
-        return InputError(msg, source, f"row {i}", line=i + 2 if csv else None)
-
-    for col in ("history_len", "candidates", "quantile", "time_ms", "n_samples"):
-        values = pd.to_numeric(frame[col], errors="coerce")
-        bad = np.flatnonzero(values.isna().to_numpy())
-        if len(bad):
-            raise row_err(int(bad[0]), f"{col} is missing or not a number (got {frame[col].iloc[bad[0]]!r})")
-        frame[col] = values
+    source = str(path)
+    for col in ("history_len", "candidates", "n_samples"):
+        frame[col] = numeric(frame, path, col, integer=True)
+    for col in ("quantile", "time_ms"):
+        frame[col] = numeric(frame, path, col)
     checks = [
         (~frame["phase"].isin(PHASES), lambda v: f"unknown phase {v.phase!r} (known: {', '.join(PHASES)})"),
         (~frame["condition"].isin(CONDITIONS), lambda v: f"unknown condition {v.condition!r}"),
         (frame["time_ms"] <= 0, lambda v: f"time_ms must be > 0 (got {v.time_ms})"),
-        (~np.isfinite(frame["time_ms"]), lambda v: f"time_ms must be finite (got {v.time_ms})"),
         ((frame["quantile"] <= 0) | (frame["quantile"] >= 1),
-         lambda v: f"quantile must be in (0, 1) (got {v.quantile})"),
+         lambda v: f"quantile must be in (0, 1) (got {v['quantile']})"),
         ((frame["history_len"] < 0) | (frame["candidates"] < 0),
          lambda v: "history_len and candidates must be >= 0"),
-        (frame["n_samples"] <= 0, lambda v: f"n_samples must be > 0 (got {v.n_samples})"),
+        (frame["n_samples"] <= 0, lambda v: f"n_samples must be > 0 (got {int(v.n_samples)})"),
     ]
     for mask, msg in checks:
         bad = np.flatnonzero(mask.to_numpy())
         if len(bad):
-            raise row_err(int(bad[0]), msg(frame.iloc[bad[0]]))
+            raise row_error(path, int(bad[0]), msg(frame.iloc[bad[0]]))
     key = ["phase", "condition", "history_len", "candidates", "quantile"]
     dup = np.flatnonzero(frame.duplicated(key).to_numpy())
     if len(dup):
         v = frame.iloc[dup[0]]
-        raise row_err(int(dup[0]), f"grid point given twice: {v.phase}/{v.condition} "
-                                   f"L={v.history_len} M={v.candidates} q={v.quantile}")
+        raise row_error(path, int(dup[0]), f"grid point given twice: {v.phase}/{v.condition} "
+                                           f"L={int(v.history_len)} M={int(v.candidates)} q={v['quantile']}")
 
     curves = {}
     for (phase, cond), g in frame.groupby(["phase", "condition"], sort=True):

@@ -14,6 +14,7 @@ import simpy
 
 from . import scenario as sc
 from . import service
+from .routing import make_picker
 from .stage import Job, Node, Stage, make_dispatch, node_worker
 from .workload import RequestBatch, generate
 
@@ -53,9 +54,9 @@ def build_stages(scenario: sc.Scenario, rngs: list[np.random.Generator]) -> list
     stages = []
     for k, (name, cfg) in enumerate(scenario.stages.items()):
         nodes = [Node(i) for i in range(cfg.nodes.count)]
+        pick = None if cfg.router == "shared" else make_picker(cfg.router, nodes, rngs[2 * k])
         stages.append(Stage(
-            name=name, nodes=nodes,
-            dispatch=make_dispatch(cfg.router, nodes, rngs[2 * k]),
+            name=name, nodes=nodes, dispatch=make_dispatch(cfg.router, nodes, pick),
             service=service.build(cfg.service, rngs[2 * k + 1], f"stages.{name}.service"),
             max_batch=cfg.batch.max_size, max_wait_ms=cfg.batch.max_wait_ms,
             marginal_cost=cfg.batch.marginal_cost, hop_ms=cfg.hop_ms, candidates=cfg.candidates))
@@ -86,10 +87,10 @@ def run_replication(scenario: sc.Scenario, index: int) -> Replication:
     state = {"done": 0}
     all_done = env.event()
 
-    def request(env: simpy.Environment, rid: int, L: int, M: int):
+    def request(env: simpy.Environment, rid: int, user: int, L: int, M: int):
         for stage in stages:
             rec = recs[stage.name]
-            job = Job(rid, L, stage.candidates or M, env.now, env.event())
+            job = Job(rid, user, L, stage.candidates or M, env.now, env.event())
             stage.dispatch(job)
             yield job.done
             rec.node[rid], rec.enter_ms[rid] = job.node, job.enqueued_ms
@@ -104,12 +105,12 @@ def run_replication(scenario: sc.Scenario, index: int) -> Replication:
 
     def source(env: simpy.Environment):
         arrivals = reqs.arrival_ms.tolist()
-        Ls, Ms = reqs.history_len.tolist(), reqs.candidates.tolist()
+        users, Ls, Ms = reqs.user_id.tolist(), reqs.history_len.tolist(), reqs.candidates.tolist()
         for rid in range(n):
             delay = arrivals[rid] - env.now
             if delay > 0:
                 yield env.timeout(delay)
-            env.process(request(env, rid, Ls[rid], Ms[rid]))
+            env.process(request(env, rid, users[rid], Ls[rid], Ms[rid]))
 
     end_ms = float(reqs.arrival_ms[-1]) if n else 0.0
     dt = scenario.run.sample_interval_ms or max(end_ms / 200, 1e-3)

@@ -123,6 +123,8 @@ class PiecewiseArrivals(Strict):
             raise ValueError("steps must start at 0 and have strictly increasing start_s")
         if max(s.factor for s in self.steps) <= 0:
             raise ValueError("at least one step needs a factor > 0")
+        if any(0 < s.factor < 1e-6 for s in self.steps):
+            raise ValueError("a step factor must be 0 or at least 1e-6")
         return self
 
 
@@ -263,9 +265,14 @@ class Scenario(Strict):
         for name in self.slo.stage_p99_ms:
             if name not in self.stages:
                 raise ValueError(f"slo.stage_p99_ms.{name}: no stage named {name!r}")
-        is_trace = isinstance(self.workload.arrivals, TraceArrivals)
+        arrivals = self.workload.arrivals
+        is_trace = isinstance(arrivals, TraceArrivals)
         if not is_trace and self.run.duration_s is None and self.run.requests is None:
             raise ValueError("run: give duration_s or requests")
+        if (isinstance(arrivals, PiecewiseArrivals) and arrivals.steps[-1].factor == 0
+                and self.run.requests is not None):
+            raise ValueError("run.requests: piecewise arrivals end at factor 0, so the count may "
+                             "never be reached; give run.duration_s instead")
         return self
 
     def device(self, name: str) -> DeviceSpec:

@@ -13,10 +13,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import simpy
 
-from .service import Draws, ServiceTime
+from .service import ServiceTime
 
 
 @dataclass(slots=True)
@@ -24,6 +23,7 @@ class Job:
     """One request's visit to one stage."""
 
     rid: int
+    user: int
     L: int
     M: int
     enqueued_ms: float
@@ -38,6 +38,7 @@ class Job:
 class Node:
     index: int
     queue: deque = field(default_factory=deque)
+    pre_queue: deque = field(default_factory=deque)   # pre-infer jobs, when prioritised apart
     wakeup: simpy.Event | None = None
     in_service: int = 0
     busy_ms: float = 0.0           # total busy time so far
@@ -109,45 +110,19 @@ def node_worker(env: simpy.Environment, stage: Stage, node: Node):
             job.done.succeed()
 
 
-def make_dispatch(kind: str, nodes: list[Node], rng: np.random.Generator) -> Callable[[Job], None]:
-    """How a stage hands a job to its nodes; ties go to the lowest index."""
-    n = len(nodes)
-    if kind == "shared":
-        shared: deque = deque()
+def make_dispatch(kind: str, nodes: list[Node], pick: Callable[[int], Node] | None) -> Callable[[Job], None]:
+    """How a stage hands a job to its nodes: a router's pick, or one shared FIFO queue."""
+    if kind != "shared":
+        return lambda job: pick(job.user).submit(job)
+    shared: deque = deque()
+    for nd in nodes:
+        nd.queue = shared
+
+    def to_shared_queue(job: Job) -> None:
+        shared.append(job)
         for nd in nodes:
-            nd.queue = shared
-
-        def to_shared_queue(job: Job) -> None:
-            shared.append(job)
-            for nd in nodes:
-                if nd.wakeup is not None:
-                    nd.wakeup.succeed()
-                    nd.wakeup = None
-                    return
-        return to_shared_queue
-    if n == 1:
-        return nodes[0].submit
-    if kind == "round_robin":
-        state = {"next": 0}
-
-        def round_robin(job: Job) -> None:
-            i = state["next"]
-            state["next"] = (i + 1) % n
-            nodes[i].submit(job)
-        return round_robin
-    if kind == "least_loaded":
-        return lambda job: min(nodes, key=_load).submit(job)
-    uniform = Draws(rng, lambda r, k: r.uniform(0, 1, k)).next
-    if kind == "random":
-        return lambda job: nodes[int(uniform() * n)].submit(job)
-    if kind == "power_of_two":
-        def power_of_two(job: Job) -> None:
-            a = int(uniform() * n)
-            b = (a + 1 + int(uniform() * (n - 1))) % n   # a different node, uniformly
-            min(nodes[a], nodes[b], key=_load).submit(job)
-        return power_of_two
-    raise ValueError(kind)
-
-
-def _load(node: Node) -> int:
-    return len(node.queue) + node.in_service
+            if nd.wakeup is not None:
+                nd.wakeup.succeed()
+                nd.wakeup = None
+                return
+    return to_shared_queue

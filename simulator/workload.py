@@ -67,6 +67,8 @@ def arrival_times_s(arrivals: sc.Arrivals, rate_qps: float, rng: np.random.Gener
             peak = rate_qps * (1 + arrivals.amplitude)
         else:
             peak = rate_qps * max(s.factor for s in arrivals.steps)
+            if count is not None and arrivals.steps[-1].factor == 0:
+                raise ValueError("a count of arrivals needs a final piecewise rate > 0")
         return _thinned(lambda t: rate_at(arrivals, rate_qps, t), peak, rng, horizon_s, count)
     if isinstance(arrivals, sc.BurstArrivals):
         return _mmpp(arrivals, rate_qps, rng, horizon_s, count)

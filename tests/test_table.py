@@ -218,7 +218,8 @@ def _load_error(tmp_path, frame, fmt="parquet") -> tuple[str, Path]:
 
 def test_missing_column(tmp_path):
     msg, tpath = _load_error(tmp_path, power_law_frame().drop(columns=["n_samples"]))
-    assert msg == f"{tpath}: missing column(s): n_samples"
+    assert msg == (f"{tpath}: missing column(s): n_samples "
+                   f"(need phase, condition, history_len, candidates, quantile, time_ms, n_samples)")
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "csv"])
@@ -267,9 +268,8 @@ def test_non_numeric_csv_cell_reports_its_line(tmp_path):
     assert msg == f"{tpath}:{i + 2} row {i}: history_len is missing or not a number (got 'long')"
 
 
-@pytest.mark.xfail(strict=True, reason="table.py:170 computes the CSV line as row + 2, but "
-                   "pandas skips blank lines, so a blank line before a bad row shifts the report")
-def test_bad_csv_row_after_blank_line_reports_its_physical_line(tmp_path):
+def test_blank_csv_line_is_reported_at_its_physical_line(tmp_path):
+    # Blank lines are kept as rows so line numbers stay physical; the blank row is itself bad.
     folder = tmp_path / "blank"
     write_raw(power_law_frame(), folder, "csv")
     tpath = folder / "table.csv"
@@ -284,11 +284,9 @@ def test_bad_csv_row_after_blank_line_reports_its_physical_line(tmp_path):
     (folder / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(InputError) as e:
         load_table(str(folder))
-    assert e.value.line == 7
+    assert e.value.line == 4 and "got an empty cell" in e.value.message
 
 
-@pytest.mark.xfail(strict=True, reason="table.py:198 formats v.quantile, which on a pandas row "
-                   "is the Series.quantile method, so the message is a multi-line method repr")
 def test_duplicate_grid_point(tmp_path):
     f = power_law_frame()
     i = _row(f, L=256, M=16, q=0.5)
@@ -299,7 +297,6 @@ def test_duplicate_grid_point(tmp_path):
 
 
 def test_duplicate_grid_point_is_rejected(tmp_path):
-    # The rejection itself works (the message text is covered by the xfail test above).
     f = power_law_frame()
     i = _row(f, L=256, M=16, q=0.5)
     f = pd.concat([f, f.iloc[[i]]], ignore_index=True)
@@ -310,8 +307,6 @@ def test_duplicate_grid_point_is_rejected(tmp_path):
     assert e.value.path == f"row {len(f) - 1}"
 
 
-@pytest.mark.xfail(strict=True, reason="table.py:184 formats v.quantile, which on a pandas row "
-                   "is the Series.quantile method, so the message is a multi-line method repr")
 def test_quantile_out_of_range(tmp_path):
     f = power_law_frame()
     i = _row(f, q=0.99)
@@ -371,8 +366,6 @@ def test_zero_mixed_into_a_grid(tmp_path):
     assert msg == f"{tpath}: prefix_reload/isolated: history_len grid mixes 0 with positive values"
 
 
-@pytest.mark.xfail(strict=True, reason="table.py build_curves never checks that history_len / "
-                   "candidates are integers (FORMAT.md: int >= 0); 512.5 is accepted silently")
 def test_fractional_shape_is_rejected(tmp_path):
     f = power_law_frame().astype({"history_len": float})
     f.loc[f.history_len == 512, "history_len"] = 512.5

@@ -1,0 +1,82 @@
+"""Routers: which node of a stage's pool gets a job (ranking request or pre-infer signal).
+
+A router is a function `pick(user) -> Node`. Affinity routers hash the user id on a
+consistent-hash ring with virtual nodes, so a user's pre-infer signal and its ranking
+request meet on the same instance; the fallback variant leaves the ring when the home
+instance is overloaded. Ties between equally loaded nodes go to the lowest index.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Callable
+
+import numpy as np
+
+from .service import Draws
+
+MASK64 = (1 << 64) - 1
+
+
+def mix64(x: int) -> int:
+    """splitmix64 finaliser: a fixed, well-spread 64-bit hash (Python's hash() is not)."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+class HashRing:
+    """Consistent hashing of user ids onto node indices, `virtual_nodes` points per node."""
+
+    def __init__(self, n_nodes: int, virtual_nodes: int):
+        points = sorted((mix64((node << 20) | v), node) for node in range(n_nodes)
+                        for v in range(virtual_nodes))
+        self.keys = [p for p, _ in points]
+        self.owner = [o for _, o in points]
+
+    def node_of(self, user: int) -> int:
+        i = bisect_left(self.keys, mix64(user ^ 0x5BD1E995))
+        return self.owner[i % len(self.keys)]
+
+
+def load(node) -> int:
+    """Jobs waiting at or being served by a node (its own queues only)."""
+    return len(node.queue) + len(node.pre_queue) + node.in_service
+
+
+def make_picker(kind: str, nodes: list, rng: np.random.Generator, virtual_nodes: int = 64,
+                overload_jobs: int = 8) -> Callable[[int], object]:
+    n = len(nodes)
+    if n == 1:
+        only = nodes[0]
+        return lambda user: only
+    if kind == "round_robin":
+        state = {"next": 0}
+
+        def round_robin(user: int):
+            i = state["next"]
+            state["next"] = (i + 1) % n
+            return nodes[i]
+        return round_robin
+    if kind == "least_loaded":
+        return lambda user: min(nodes, key=load)
+    if kind in ("affinity", "affinity_fallback"):
+        ring = HashRing(n, virtual_nodes)
+        if kind == "affinity":
+            return lambda user: nodes[ring.node_of(user)]
+
+        def affinity_fallback(user: int):
+            home = nodes[ring.node_of(user)]
+            return home if load(home) < overload_jobs else min(nodes, key=load)
+        return affinity_fallback
+    uniform = Draws(rng, lambda r, k: r.uniform(0, 1, k)).next
+    if kind == "random":
+        return lambda user: nodes[int(uniform() * n)]
+    if kind == "power_of_two":
+        def power_of_two(user: int):
+            a = int(uniform() * n)
+            b = (a + 1 + int(uniform() * (n - 1))) % n   # a different node, uniformly
+            return min(nodes[a], nodes[b], key=load)
+        return power_of_two
+    raise ValueError(kind)
