@@ -22,7 +22,8 @@ from simrec.cascade import prepare, run_replication
 
 
 def bare_tandem(scenario: simrec.Scenario) -> int:
-    reqs, stages, _ = prepare(scenario, 0)
+    prep = prepare(scenario, 0)
+    reqs, stages = prep.requests, prep.stages
     env = simpy.Environment()
     resources = [simpy.Resource(env, capacity=len(s.nodes)) for s in stages]
     samplers = [(s.service.sample, s.candidates, s.hop_ms) for s in stages]

@@ -29,6 +29,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -57,8 +58,8 @@ CONDITION_NOTES = {
                 "(previous call synchronised), as a lightly loaded server sees",
     "busy": "a second CUDA stream (default priority) runs a {size}^3 GEMM loop in the model dtype the "
             "whole time; before each timed call its queue is topped up to min(max(40 ms, 2x the "
-            "longest call seen at this point), 120 ms) of GEMM work, so the timed call competes with "
-            "it for SMs and memory bandwidth from start to end",
+            "call's warm-up median), 120 ms) of GEMM work, so the timed call competes with it for "
+            "SMs and memory bandwidth from start to end",
     "cache_pressure": "{frac:.0%} of free device memory (capped at {cap}) is first filled with "
                       "random prefix K/V slabs; rank_cached reads its cached prefix from a random "
                       "place in that pool on every call (64 distinct users), full_forward runs "
@@ -67,6 +68,18 @@ CONDITION_NOTES = {
 
 
 # ----------------------------------------------------------------------------- timing
+
+def _copy_to(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    return dst.copy_(src, non_blocking=True)
+
+
+def _score_topk(corpus: torch.Tensor, user: torch.Tensor, k: int):
+    return torch.topk(torch.matmul(corpus, user).squeeze(1), k)
+
+
+def _cat_seq(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, y], dim=2)
+
 
 class Clock:
     """Times one call: CUDA events around it (then synchronise), or perf_counter_ns on CPU."""
@@ -118,32 +131,71 @@ class Budget:
         return int(min(max(want, self.min_n), max_n or self.max_n))
 
 
-def measure(fn: Callable, inputs: list[tuple], clock: Clock, budget: Budget,
-            hook: Callable[[float | None], None] | None = None,
-            target_s: float | None = None, max_n: int | None = None) -> np.ndarray:
-    """Warm up, then time calls one by one, rotating through the input sets. Returns ms."""
-    last: float | None = None
-    warm = []
-    for i in range(budget.warmup):
+@dataclass
+class Cell:
+    """One grid point: the call to time and the argument sets it rotates through."""
+    L: int
+    M: int
+    fn: Callable
+    inputs: list[tuple]
+    est_ms: float = 0.0
+    n: int = 0
+
+
+def measure_cells(cells: list[Cell], clock: Clock, budget: Budget, rng: np.random.Generator,
+                  hook: Callable[[float | None], None] | None = None,
+                  target_s: float | None = None, max_n: int | None = None) -> list[np.ndarray]:
+    """Time the calls of several grid points, interleaved in a random order. Returns ms per cell.
+
+    Each cell is warmed up first (which also estimates its call time and so its sample count);
+    then all timed calls of all cells run in one shuffled sequence, each cell rotating through
+    its own input sets. Slow periods of the host or device thus spread over every grid point
+    instead of landing on the few that happen to be measured then; consecutive calls have
+    different shapes, as consecutive requests do in serving. ``hook(expected_ms)`` runs before
+    every call (a condition's gap or background load).
+    """
+    for c in cells:
+        warm = []
+        for i in range(budget.warmup):
+            if hook:
+                hook(warm[-1] if warm else None)
+            warm.append(clock.time(c.fn, c.inputs[i % len(c.inputs)]))
+        c.est_ms = float(np.median(warm[len(warm) // 2:]))
+        c.n = budget.samples_for(c.est_ms, target_s, max_n)
+    order = rng.permutation(np.repeat(np.arange(len(cells)), [c.n for c in cells]))
+    out = [np.empty(c.n) for c in cells]
+    pos = [0] * len(cells)
+    for k in order:
+        c, j = cells[k], pos[k]
         if hook:
-            hook(last)
-        last = clock.time(fn, inputs[i % len(inputs)])
-        warm.append(last)
-    est = float(np.median(warm[len(warm) // 2:]))
-    n = budget.samples_for(est, target_s, max_n)
-    out = np.empty(n)
-    for i in range(n):
-        if hook:
-            hook(last)
-        last = out[i] = clock.time(fn, inputs[(i + budget.warmup) % len(inputs)])
+            hook(c.est_ms)
+        out[k][j] = clock.time(c.fn, c.inputs[(j + budget.warmup) % len(c.inputs)])
+        pos[k] = j + 1
     return out
+
+
+def host_probe(n: int = 300) -> dict:
+    """Quantiles (ms) of a fixed pure-Python loop: how fast and how steady the host CPU is."""
+    def spin():
+        acc = 0
+        for i in range(20000):
+            acc += i
+        return acc
+    t = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        spin()
+        t.append((time.perf_counter_ns() - t0) / 1e6)
+    q = np.quantile(t, (0.1, 0.5, 0.9, 0.99))
+    return {"python_loop_ms": {k: round(float(v), 4) for k, v in zip(("p10", "p50", "p90", "p99"), q)},
+            "n": n}
 
 
 class IdleGap:
     def __init__(self, lo_ms: float, hi_ms: float, rng: np.random.Generator):
         self.lo, self.hi, self.rng = lo_ms, hi_ms, rng
 
-    def __call__(self, last_ms):
+    def __call__(self, expected_ms):
         time.sleep(self.rng.uniform(self.lo, self.hi) / 1e3)
 
 
@@ -159,7 +211,6 @@ class BusyStream:
         self.b = torch.randn(size, size, device=device, dtype=dtype)
         self.c = torch.empty(size, size, device=device, dtype=dtype)
         self.pending: deque = deque()
-        self.cover_ms = self.MIN_COVER_MS
         for _ in range(2):  # warm up, then time one chunk
             t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0.record(self.stream)
@@ -174,16 +225,14 @@ class BusyStream:
             for _ in range(self.per_chunk):
                 torch.matmul(self.a, self.b, out=self.c)
 
-    def start_cell(self):
-        self.cover_ms = self.MIN_COVER_MS
-
-    def __call__(self, last_ms):
-        """Before a timed call: top the queue up to cover_ms of GEMM work (2x the last call, clamped)."""
-        if last_ms is not None:
-            self.cover_ms = min(max(self.cover_ms, 2 * last_ms), self.MAX_COVER_MS)
+    def __call__(self, expected_ms):
+        """Before a timed call: top the queue up to 2x the call's expected time of GEMM work
+        (clamped to [MIN_COVER_MS, MAX_COVER_MS]; MAX when unknown)."""
+        cover = self.MAX_COVER_MS if expected_ms is None else 2 * expected_ms
+        cover = min(max(cover, self.MIN_COVER_MS), self.MAX_COVER_MS)
         while self.pending and self.pending[0].query():
             self.pending.popleft()
-        depth = math.ceil(self.cover_ms / self.chunk_ms)
+        depth = math.ceil(cover / self.chunk_ms)
         while len(self.pending) < depth:
             self._chunk()
             ev = torch.cuda.Event()
@@ -300,43 +349,67 @@ class Bench:
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
 
-    # -- phase setups: each returns (fn, list of argument tuples)
-    def setup(self, phase: str, L: int, M: int, condition: str):
+    # -- phase setups: the cells of one phase under one condition, sharing per-L / per-M inputs
+    def cells(self, phase: str, condition: str) -> list[Cell]:
         sp, m = self.spec, self.model
-        s, d = sp.short_term_tokens, sp.d_model
-        esize = self.dtype.itemsize
-        kv_bytes = L * sp.kv_bytes_per_token
-        if phase == "prefix_encode":
-            return m.encode_prefix, [(self.tokens(L),) for _ in range(self.n_sets(L * d * esize))]
-        if phase == "full_forward":
-            k = self.n_sets((L + s + M) * d * esize)
-            return m.full_forward, [(self.tokens(L), self.tokens(s), self.tokens(M)) for _ in range(k)]
-        if phase == "rank_cached":
-            if condition == "cache_pressure":
-                shape = (sp.layers, 2, 1, sp.heads, L, sp.head_dim)
-                small = [(self.tokens(s), self.tokens(M)) for _ in range(4)]
-                return m.rank_cached, [(self.pool.prefix(shape, self.rng), *small[i % 4]) for i in range(64)]
-            k = self.n_sets(kv_bytes)
-            return m.rank_cached, [(m.encode_prefix(self.tokens(L)), self.tokens(s), self.tokens(M))
-                                   for _ in range(k)]
-        if phase == "prefix_reload":
-            shape = m.new_kv(1, L, "meta").shape
-            dst = torch.empty(shape, device=self.dev, dtype=self.dtype)
-            srcs = []
-            for _ in range(self.n_sets(kv_bytes)):
-                src = torch.empty(shape, dtype=self.dtype, pin_memory=self.dev.type == "cuda")
-                src.copy_(self.randn(*shape))
-                srcs.append((src, dst))
-            return (lambda src, dst: dst.copy_(src, non_blocking=True)), srcs
-        if phase == "emb_gather":
-            ids = [(torch.randint(0, self.cfg.emb_rows, (M,), device=self.dev),) for _ in range(32)]
-            return (lambda i: F.embedding(i, self.emb_table)), ids
-        if phase == "retrieval_score":
-            users = [(self.randn(self.cfg.retrieval_dim, 1),) for _ in range(8)]
-            return (lambda u: torch.topk(torch.matmul(self.corpus, u).squeeze(1), M)), users
-        if phase == "prerank_mlp":
-            return self.prerank, [(self.randn(M, 2 * self.cfg.emb_dim),) for _ in range(self.n_sets(M * 2 * self.cfg.emb_dim * esize))]
-        raise ValueError(phase)
+        s, d, esize = sp.short_term_tokens, sp.d_model, self.dtype.itemsize
+        per_L: dict[int, list] = {}
+        per_M: dict[int, list] = {}
+
+        def hist(L):  # token sets of L history tokens
+            if L not in per_L:
+                per_L[L] = [self.tokens(L) for _ in range(self.n_sets(L * d * esize))]
+            return per_L[L]
+
+        def kv(L):  # cached prefixes of L tokens
+            if L not in per_L:
+                if condition == "cache_pressure":  # a random user of the pool on every call
+                    shape = (sp.layers, 2, 1, sp.heads, L, sp.head_dim)
+                    per_L[L] = [self.pool.prefix(shape, self.rng) for _ in range(64)]
+                else:
+                    per_L[L] = [m.encode_prefix(self.tokens(L))
+                                for _ in range(self.n_sets(L * sp.kv_bytes_per_token))]
+            return per_L[L]
+
+        def suffix(M):  # (short-term, candidates) token sets
+            if M not in per_M:
+                per_M[M] = [(self.tokens(s), self.tokens(M)) for _ in range(self.n_sets((s + M) * d * esize))]
+            return per_M[M]
+
+        def combine(a: list, b: list, f) -> list[tuple]:
+            return [f(a[i % len(a)], b[i % len(b)]) for i in range(max(len(a), len(b)))]
+
+        out = []
+        for L, M in self.shapes(phase):
+            if phase == "prefix_encode":
+                fn, inputs = m.encode_prefix, [(h,) for h in hist(L)]
+            elif phase == "full_forward":
+                fn, inputs = m.full_forward, combine(hist(L), suffix(M), lambda h, x: (h, *x))
+            elif phase == "rank_cached":
+                fn, inputs = m.rank_cached, combine(kv(L), suffix(M), lambda c, x: (c, *x))
+            elif phase == "prefix_reload":
+                shape = m.new_kv(1, L, "meta").shape
+                dst = torch.empty(shape, device=self.dev, dtype=self.dtype)
+                inputs = []
+                for _ in range(self.n_sets(L * sp.kv_bytes_per_token)):
+                    src = torch.empty(shape, dtype=self.dtype, pin_memory=self.dev.type == "cuda")
+                    src.copy_(self.randn(*shape))
+                    inputs.append((src, dst))
+                fn = _copy_to
+            elif phase == "emb_gather":
+                fn = partial(F.embedding, weight=self.emb_table)
+                inputs = [(torch.randint(0, self.cfg.emb_rows, (M,), device=self.dev),) for _ in range(32)]
+            elif phase == "retrieval_score":
+                fn = partial(_score_topk, self.corpus, k=M)
+                inputs = [(self.randn(self.cfg.retrieval_dim, 1),) for _ in range(8)]
+            elif phase == "prerank_mlp":
+                width = 2 * self.cfg.emb_dim
+                fn = self.prerank
+                inputs = [(self.randn(M, width),) for _ in range(self.n_sets(M * width * esize))]
+            else:
+                raise ValueError(phase)
+            out.append(Cell(L, M, fn, inputs))
+        return out
 
     def shapes(self, phase: str) -> list[tuple[int, int]]:
         Ls, Ms = self.cfg.history_lens, self.cfg.candidates
@@ -346,36 +419,29 @@ class Bench:
             return [(0, M) for M in Ms]
         return [(L, M) for L in Ls for M in Ms]
 
-    def run_cell(self, phase: str, condition: str, L: int, M: int, hook=None) -> np.ndarray:
-        gc.collect()
-        try:
-            fn, inputs = self.setup(phase, L, M, condition)
-            self.sync()
-            if isinstance(hook, BusyStream):
-                hook.start_cell()
-            samples = measure(fn, inputs, self.clock, self.cfg.budget, hook)
-            del fn, inputs
-        except torch.OutOfMemoryError as e:
-            raise RuntimeError(f"out of memory at phase={phase} condition={condition} L={L} M={M}; "
-                               "choose a smaller grid") from e
-        if not np.all(np.isfinite(samples)) or np.any(samples <= 0):
-            raise RuntimeError(f"bad timings at {phase}/{condition} L={L} M={M}: {samples[:5]}")
-        q = np.quantile(samples, QUANTILES)
-        for qq, t in zip(QUANTILES, q):
-            self.rows.append((phase, condition, L, M, qq, float(t), len(samples)))
-        self.samples[(phase, condition, L, M)] = samples
-        print(f"[{self.cfg.budget.elapsed():6.1f}s] {phase:15s} {condition:14s} L={L:6d} M={M:5d} "
-              f"n={len(samples):4d} p50={q[4]:9.3f} p99={q[8]:9.3f} ms", flush=True)
-        return samples
-
     def run_phase(self, phase: str, condition: str, hook=None):
         t0 = time.monotonic()
-        cells = self.shapes(phase)
-        order = self.rng.permutation(len(cells))  # shuffled, so drift does not follow the grid
-        print(f"== {phase} / {condition}: {len(cells)} shapes", flush=True)
-        for i in order:
-            self.run_cell(phase, condition, *cells[i], hook=hook)
-        print(f"== {phase} / {condition} done in {time.monotonic() - t0:.1f}s", flush=True)
+        gc.collect()
+        try:
+            cells = self.cells(phase, condition)
+            self.sync()
+            print(f"== {phase} / {condition}: {len(cells)} shapes, inputs ready in "
+                  f"{time.monotonic() - t0:.1f}s", flush=True)
+            results = measure_cells(cells, self.clock, self.cfg.budget, self.rng, hook)
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(f"out of memory in phase={phase} condition={condition}; "
+                               "choose a smaller grid") from e
+        for c, x in zip(cells, results):
+            if not np.all(np.isfinite(x)) or np.any(x <= 0):
+                raise RuntimeError(f"bad timings at {phase}/{condition} L={c.L} M={c.M}: {x[:5]}")
+            q = np.quantile(x, QUANTILES)
+            for qq, t in zip(QUANTILES, q):
+                self.rows.append((phase, condition, c.L, c.M, qq, float(t), len(x)))
+            print(f"  {phase:15s} {condition:14s} L={c.L:6d} M={c.M:5d} n={len(x):4d} "
+                  f"p50={q[4]:9.3f} p99={q[8]:9.3f} ms", flush=True)
+        del cells
+        print(f"== [{self.cfg.budget.elapsed():6.1f}s] {phase} / {condition} done in "
+              f"{time.monotonic() - t0:.1f}s", flush=True)
 
     # -- the run
     def preflight(self):
@@ -406,6 +472,8 @@ class Bench:
         if check["cached_vs_full"] > tol or check["candidate_leak"] > tol:
             raise RuntimeError(f"model self-check failed: {check}")
         self.info["self_check"] = check
+        self.info["host_probe_start"] = host_probe()
+        print(f"host probe (pure-Python loop): {self.info['host_probe_start']}", flush=True)
         self.preflight()
         with torch.inference_mode():
             for phase in PHASES:
@@ -443,6 +511,8 @@ class Bench:
                 gc.collect()
                 if self.dev.type == "cuda":
                     torch.cuda.empty_cache()
+            self.info["host_probe_end"] = host_probe()
+            print(f"host probe (pure-Python loop): {self.info['host_probe_end']}", flush=True)
             if cfg.kernels:
                 self.run_kernels()
 
@@ -486,15 +556,17 @@ class Bench:
                                         self.randn(1, h, b, hd), mask) for _ in range(k)]
         if kernel == "kv_concat":
             k = self.n_sets(a * c * esize, 2, 16)
-            return (lambda x, y: torch.cat([x, y], dim=2)), [
+            return _cat_seq, [
                 (self.randn(1, h, a, hd), self.randn(1, h, b, hd)) for _ in range(k)]
         if kernel == "emb_gather":
-            return self.setup("emb_gather", 0, a, "isolated")
+            return partial(F.embedding, weight=self.emb_table), [
+                (torch.randint(0, self.cfg.emb_rows, (a,), device=self.dev),) for _ in range(32)]
         if kernel == "topk":
-            return (lambda x: torch.topk(x, b)), [(self.randn(a),) for _ in range(4)]
+            return partial(torch.topk, k=b), [(self.randn(a),) for _ in range(4)]
         raise ValueError(kernel)
 
     def run_kernels(self):
+        """Each kernel shape is timed on its own (back to back), after its own warm-up."""
         t0 = time.monotonic()
         ks = self.kernel_list()
         print(f"== kernels / isolated: {len(ks)} shapes", flush=True)
@@ -503,14 +575,14 @@ class Bench:
             try:
                 fn, inputs = self.kernel_setup(kernel, a, b, c)
                 self.sync()
-                x = measure(fn, inputs, self.clock, self.cfg.budget,
-                            target_s=self.cfg.kernel_target_s, max_n=self.cfg.kernel_max_n)
+                x, = measure_cells([Cell(0, 0, fn, inputs)], self.clock, self.cfg.budget, self.rng,
+                                   target_s=self.cfg.kernel_target_s, max_n=self.cfg.kernel_max_n)
                 del fn, inputs
             except torch.OutOfMemoryError as e:
                 raise RuntimeError(f"out of memory at kernel {kernel} [{a},{b},{c}]") from e
             for qq, t in zip(QUANTILES, np.quantile(x, QUANTILES)):
                 self.kernel_rows.append((kernel, a, b, c, "isolated", qq, float(t), len(x)))
-        print(f"== kernels done in {time.monotonic() - t0:.1f}s", flush=True)
+        print(f"== [{self.cfg.budget.elapsed():6.1f}s] kernels done in {time.monotonic() - t0:.1f}s", flush=True)
 
     # -- output
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -594,8 +666,10 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
                 f"{b.min_n} and at most {b.max_n} (n_samples says how many; quantiles from few "
                 "samples, the 0.99 one especially, are crude). Inputs rotate among pre-allocated "
                 f"sets that together span about {cfg.rotate_bytes / 2**20:.0f} MiB (3-32 sets) so "
-                "caches don't flatter. Grid points run in random order within a phase and "
-                "condition. Inputs are random token embeddings (no embedding lookup inside the "
+                "caches don't flatter. Within a phase and condition every grid point is warmed up, "
+                "then the timed calls of all its grid points run interleaved in one random order "
+                "(so slow periods of the host spread over all points, and consecutive calls differ "
+                "in shape as consecutive requests do). Inputs are random token embeddings (no embedding lookup inside the "
                 "ranking phases). rank_cached appends the suffix K/V to the cached K/V with "
                 "torch.cat in every layer. prefix_reload copies one contiguous [layers,2,1,heads,"
                 "L,head_dim] tensor from pinned host memory (on a CPU device: a plain memcpy). "

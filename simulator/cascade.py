@@ -14,6 +14,7 @@ import simpy
 
 from . import scenario as sc
 from . import service
+from .relay import Relay, build_relay, relay_worker
 from .routing import make_picker
 from .stage import Job, Node, Stage, make_dispatch, node_worker
 from .workload import RequestBatch, generate
@@ -42,6 +43,7 @@ class Replication:
     end_ms: float                                          # last arrival
     stopped_ms: float                                      # when the run stopped
     extrapolated: dict[str, int]
+    relay: Relay | None = None
 
 
 def stream(seed: int, replication: int, n: int) -> list[np.random.Generator]:
@@ -50,44 +52,71 @@ def stream(seed: int, replication: int, n: int) -> list[np.random.Generator]:
     return [np.random.default_rng(s) for s in child.spawn(n)]
 
 
-def build_stages(scenario: sc.Scenario, rngs: list[np.random.Generator]) -> list[Stage]:
+def build_stages(env: simpy.Environment, scenario: sc.Scenario,
+                 rngs: list[np.random.Generator]) -> list[Stage]:
     stages = []
+    relay_stage = scenario.relay.stage if scenario.relay else None
     for k, (name, cfg) in enumerate(scenario.stages.items()):
         nodes = [Node(i) for i in range(cfg.nodes.count)]
-        pick = None if cfg.router == "shared" else make_picker(cfg.router, nodes, rngs[2 * k])
+        svc = service.build(cfg.service, rngs[2 * k + 1], f"stages.{name}.service",
+                            relay=name == relay_stage)
+        pick = None
+        if cfg.router not in ("shared", "delay"):
+            pick = make_picker(cfg.router, nodes, rngs[2 * k], cfg.affinity.virtual_nodes,
+                               cfg.affinity.overload_jobs)
         stages.append(Stage(
-            name=name, nodes=nodes, dispatch=make_dispatch(cfg.router, nodes, pick),
-            service=service.build(cfg.service, rngs[2 * k + 1], f"stages.{name}.service"),
-            max_batch=cfg.batch.max_size, max_wait_ms=cfg.batch.max_wait_ms,
+            name=name, nodes=nodes, dispatch=make_dispatch(env, cfg.router, nodes, pick, svc),
+            pick=pick, service=svc, max_batch=cfg.batch.max_size, max_wait_ms=cfg.batch.max_wait_ms,
             marginal_cost=cfg.batch.marginal_cost, hop_ms=cfg.hop_ms, candidates=cfg.candidates))
     return stages
 
 
-def prepare(scenario: sc.Scenario, index: int) -> tuple[RequestBatch, list[Stage], dict[str, int]]:
-    """Workload and stages of one replication, with every request shape checked against
-    the cost tables up front (so a bad shape fails before the run, not in the middle)."""
+@dataclass
+class Prepared:
+    env: simpy.Environment
+    requests: RequestBatch
+    stages: list[Stage]
+    extrapolated: dict[str, int]
+    relay: Relay | None
+
+
+def prepare(scenario: sc.Scenario, index: int) -> Prepared:
+    """Workload and runtime objects of one replication, with every request shape checked
+    against the cost tables up front (so a bad shape fails before the run, not in it)."""
     rngs = stream(scenario.run.seed, index, 1 + 2 * len(scenario.stages))
+    env = simpy.Environment()
     reqs = generate(scenario.workload, scenario.run, rngs[0])
-    stages = build_stages(scenario, rngs[1:])
+    stages = build_stages(env, scenario, rngs[1:])
     extrapolated = {}
     for s in stages:
         M = np.full(len(reqs), s.candidates) if s.candidates else reqs.candidates
         check = getattr(s.service, "check", None)
         extrapolated[s.name] = check(reqs.history_len, M) if check else 0
-    return reqs, stages, extrapolated
+    relay = None
+    if scenario.relay is not None:
+        stage = next(s for s in stages if s.name == scenario.relay.stage)
+        relay = build_relay(scenario, stage, len(reqs))
+    return Prepared(env, reqs, stages, extrapolated, relay)
 
 
 def run_replication(scenario: sc.Scenario, index: int) -> Replication:
-    reqs, stages, extrapolated = prepare(scenario, index)
+    prep = prepare(scenario, index)
+    env, reqs, stages, relay = prep.env, prep.requests, prep.stages, prep.relay
     n = len(reqs)
-    env = simpy.Environment()
     recs = {s.name: StageRecords(np.full(n, -1, np.int32), *(np.full(n, np.nan) for _ in range(3)),
                                  np.zeros(n, np.int32), np.zeros(n)) for s in stages}
     completion = np.full(n, np.nan)
     state = {"done": 0}
     all_done = env.event()
+    signal_after = scenario.relay.signal_after if relay else None
+
+    def send_signal(rid: int, user: int, L: int, M: int) -> None:
+        ev = env.timeout(relay.cfg.signal_ms)
+        ev.callbacks.append(lambda _: relay.signal(env, rid, user, L, M))
 
     def request(env: simpy.Environment, rid: int, user: int, L: int, M: int):
+        if signal_after == "arrival":
+            send_signal(rid, user, L, M)
         for stage in stages:
             rec = recs[stage.name]
             job = Job(rid, user, L, stage.candidates or M, env.now, env.event())
@@ -95,6 +124,8 @@ def run_replication(scenario: sc.Scenario, index: int) -> Replication:
             yield job.done
             rec.node[rid], rec.enter_ms[rid] = job.node, job.enqueued_ms
             rec.start_ms[rid], rec.service_ms[rid], rec.batch[rid] = job.start_ms, job.service_ms, job.batch
+            if stage.name == signal_after:
+                send_signal(rid, user, L, M)
             if stage.hop_ms:
                 rec.hop_ms[rid] = stage.hop_ms
                 yield env.timeout(stage.hop_ms)
@@ -117,30 +148,39 @@ def run_replication(scenario: sc.Scenario, index: int) -> Replication:
     samples: list[tuple] = []
 
     def sampler(env: simpy.Environment):
-        """Per node: own queue, jobs in service, busy fraction over the last interval.
-        One extra row per stage (node = -1) holds the stage totals; a shared queue
-        is counted only there."""
+        """Per node: own queue, jobs in service, busy fraction over the last interval, and
+        prefix-cache bytes (HBM used, HBM pinned, DRAM used) on relay nodes. One extra row
+        per stage (node = -1) holds the stage totals; a shared queue is counted only there."""
         last = {(s.name, nd.index): 0.0 for s in stages for nd in s.nodes}
+        caches = {relay.stage.name: relay.caches} if relay else {}
         while not all_done.triggered:
             yield env.timeout(dt)
             for si, s in enumerate(stages):
                 shared = len(s.nodes) > 1 and s.nodes[0].queue is s.nodes[1].queue
-                in_service = busy_sum = 0.0
+                total = np.zeros(6)
                 for nd in s.nodes:
                     busy = nd.busy_until(env.now)
                     key = (s.name, nd.index)
                     frac = (busy - last[key]) / dt
                     last[key] = busy
-                    in_service += nd.in_service
-                    busy_sum += frac
-                    samples.append((env.now, si, nd.index, 0 if shared else len(nd.queue),
-                                    nd.in_service, frac))
-                waiting = len(s.nodes[0].queue) if shared else sum(len(nd.queue) for nd in s.nodes)
-                samples.append((env.now, si, -1, waiting, in_service, busy_sum / len(s.nodes)))
+                    mem = (0, 0, 0)
+                    if s.name in caches:
+                        c = caches[s.name][nd.index]
+                        mem = (c.used, c.pinned, c.expander.used if c.expander else 0)
+                    row = (0 if shared else len(nd.queue) + len(nd.pre_queue), nd.in_service, frac, *mem)
+                    samples.append((env.now, si, nd.index, *row))
+                    total += row
+                if shared:
+                    total[0] = len(s.nodes[0].queue)
+                total[2] /= len(s.nodes)
+                samples.append((env.now, si, -1, *total))
 
     for s in stages:
         for nd in s.nodes:
-            env.process(node_worker(env, s, nd))
+            if relay is not None and s is relay.stage:
+                env.process(relay_worker(env, relay, nd))
+            else:
+                env.process(node_worker(env, s, nd))
     env.process(source(env))
     env.process(sampler(env))
     if n == 0:
@@ -148,13 +188,15 @@ def run_replication(scenario: sc.Scenario, index: int) -> Replication:
     # An overloaded run may never drain: stop at twice the arrival span plus a minute.
     env.run(until=simpy.AnyOf(env, [all_done, env.timeout(2 * end_ms + 60_000)]))
 
-    ts = np.array(samples, dtype=float).reshape(-1, 6)
+    ts = np.array(samples, dtype=float).reshape(-1, 9)
     timeseries = {"time_ms": ts[:, 0], "stage": ts[:, 1].astype(np.int32),
                   "node": ts[:, 2].astype(np.int32), "queue_len": ts[:, 3].astype(np.int32),
-                  "in_service": ts[:, 4].astype(np.int32), "busy_fraction": ts[:, 5]}
+                  "in_service": ts[:, 4].astype(np.int32), "busy_fraction": ts[:, 5],
+                  "hbm_used_bytes": ts[:, 6].astype(np.int64), "hbm_pinned_bytes": ts[:, 7].astype(np.int64),
+                  "dram_used_bytes": ts[:, 8].astype(np.int64)}
     busy = {s.name: [(np.array(nd.busy_starts), _ends(nd, env.now)) for nd in s.nodes] for s in stages}
     return Replication(index, reqs, completion, recs, timeseries, busy, end_ms, float(env.now),
-                       extrapolated)
+                       prep.extrapolated, relay)
 
 
 def _ends(node: Node, now: float) -> np.ndarray:

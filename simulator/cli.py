@@ -106,7 +106,7 @@ def validate(scenario: Path = typer.Argument(..., help="scenario YAML file"),
     from .cascade import prepare
     try:
         sc = _load(scenario, set_, None)
-        reqs, _, _ = prepare(sc, 0)
+        reqs = prepare(sc, 0).requests
     except InputError as e:
         _fail(e, scenario)
     out.print(f"{scenario}: ok ({len(sc.stages)} stages, {len(reqs)} requests per replication, "

@@ -20,6 +20,8 @@ class Entry:
     ready: bool          # False while its pre-infer job has not finished
     pins: int            # ranking requests still waiting to consume it
     stamp_ms: float      # last use (LRU/TTL clock)
+    by_pre: bool = False # filled by a pre-infer job
+    hits: int = 0
 
 
 @dataclass

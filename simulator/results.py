@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from . import scenario as sc
 from .cascade import Replication
+from .relay import (ADMITTED, DRAM, HIT, PRE_OUTCOMES, PREFIX_OUTCOMES, REJECTED, REMOTE)
 from .stats import CI_LEVEL, CI_METHOD, describe, interval
 
 try:
@@ -66,6 +67,8 @@ def replication_metrics(scenario: sc.Scenario, rep: Replication) -> dict:
         per_node = [busy_in_window(s, e, cut, rep.end_ms) / window_ms for s, e in rep.busy[name]]
         out["utilisation"][name] = {"stage": float(np.mean(per_node)),
                                     "nodes": per_node}
+    if rep.relay is not None:
+        out["relay"] = relay_metrics(rep, measured)
     completed = np.isfinite(latency)
     out["throughput_rps"] = float(completed.sum() / window_ms * 1000.0)
     out["goodput_rps"] = float(ok.sum() / window_ms * 1000.0)
@@ -74,6 +77,28 @@ def replication_metrics(scenario: sc.Scenario, rep: Replication) -> dict:
     out["counts"] = {"created": int(len(arr)), "completed": int(np.sum(~np.isnan(rep.completion_ms))),
                      "measured": int(measured.sum()), "warmup_ms": cut}
     return out
+
+
+def relay_metrics(rep: Replication, measured: np.ndarray) -> dict:
+    """Prefix reuse at ranking (measured requests) and pre-infer accounting (whole run)."""
+    relay = rep.relay
+    outcome = relay.prefix[measured]
+    n = max(len(outcome), 1)
+    c = relay.counters
+    caches = relay.caches
+    return {
+        "prefix_hit_rate": float(np.isin(outcome, (HIT, DRAM, REMOTE)).sum() / n),
+        "hbm_hit_rate": float((outcome == HIT).sum() / n),
+        "dram_hit_rate": float((outcome == DRAM).sum() / n),
+        "remote_fetch_rate": float((outcome == REMOTE).sum() / n),
+        "triggered_fraction": float(np.isin(relay.pre[measured], (ADMITTED, REJECTED)).sum() / n),
+        "pre_infer": {"admitted": c.admitted, "used": c.used, "wasted": c.admitted - c.used,
+                      "cancelled": c.cancelled, "rejected": c.rejected},
+        "hbm": {"evictions": sum(x.counters.evictions for x in caches),
+                "expired": sum(x.counters.expired for x in caches)},
+        "dram": {"hits": sum(x.expander.hits for x in caches if x.expander),
+                 "drops": sum(x.expander.drops for x in caches if x.expander)},
+    }
 
 
 def _merge(per_rep: list[dict]) -> dict:
@@ -130,11 +155,11 @@ def summarise(scenario: sc.Scenario, reps: list[Replication]) -> Results:
     counts = [m.pop("counts") for m in per_rep]
     tables = {}
     for name, stage in scenario.stages.items():
-        if stage.service.kind == "table":
+        if stage.service.kind in ("table", "gr"):
             from simrec.calibration.table import load_table
             t = load_table(stage.service.table)
             tables[name] = {"table": t.manifest.name, "label": t.manifest.label,
-                            "sha256": t.sha256, "phase": stage.service.phase,
+                            "sha256": t.sha256, "phase": getattr(stage.service, "phase", "gr phases"),
                             "condition": stage.service.condition}
     summary = {
         "simrec_version": VERSION,
@@ -176,8 +201,16 @@ def requests_table(scenario: sc.Scenario, reps: list[Replication]) -> pa.Table:
             cols[f"{name}_service_ms"] = rec.service_ms
             cols[f"{name}_batch"] = rec.batch
             cols[f"{name}_hop_ms"] = rec.hop_ms
+        if rep.relay is not None:
+            cols[f"{rep.relay.stage.name}_prefix"] = _labels(rep.relay.prefix, PREFIX_OUTCOMES)
+            cols["pre_infer"] = _labels(rep.relay.pre, PRE_OUTCOMES)
         parts.append(pa.table(cols))
     return pa.concat_tables(parts)
+
+
+def _labels(codes: np.ndarray, names: dict[int, str]) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int8()),
+                                          pa.array([names[k] for k in sorted(names)]))
 
 
 def timeseries_table(scenario: sc.Scenario, reps: list[Replication]) -> pa.Table:
@@ -191,6 +224,7 @@ def timeseries_table(scenario: sc.Scenario, reps: list[Replication]) -> pa.Table
             "time_ms": ts["time_ms"],
             "stage": pa.array([names[i] for i in ts["stage"]], pa.string()),
             "node": ts["node"], "queue_len": ts["queue_len"], "in_service": ts["in_service"],
-            "busy_fraction": ts["busy_fraction"],
+            "busy_fraction": ts["busy_fraction"], "hbm_used_bytes": ts["hbm_used_bytes"],
+            "hbm_pinned_bytes": ts["hbm_pinned_bytes"], "dram_used_bytes": ts["dram_used_bytes"],
         }))
     return pa.concat_tables(parts)

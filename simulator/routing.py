@@ -20,7 +20,7 @@ MASK64 = (1 << 64) - 1
 
 def mix64(x: int) -> int:
     """splitmix64 finaliser: a fixed, well-spread 64-bit hash (Python's hash() is not)."""
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = (int(x) + 0x9E3779B97F4A7C15) & MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
     return x ^ (x >> 31)

@@ -95,8 +95,25 @@ class TableService(Strict):
     extrapolate: bool = Field(False, description="allow shapes outside the measured grid")
 
 
+class GRService(Strict):
+    """A generative-recommendation ranking model, costed phase by phase from a cost table.
+
+    Without relay every request costs `full_forward(L, M)`. With a `relay` block on this
+    stage a request costs `rank_cached(L, M)` when its prefix is in HBM, plus
+    `prefix_reload(L)` when it comes back from DRAM; pre-infer jobs cost `prefix_encode(L)`.
+    """
+
+    kind: Literal["gr"]
+    table: str
+    condition: str = "isolated"
+    extrapolate: bool = False
+    kv_bytes_per_token: PositiveInt | None = Field(
+        None, description="prefix KV bytes per history token; default: the table's model")
+
+
 ServiceModel = Annotated[
-    Union[ConstantService, ExponentialService, LognormalService, EmpiricalService, TableService],
+    Union[ConstantService, ExponentialService, LognormalService, EmpiricalService, TableService,
+          GRService],
     Field(discriminator="kind")]
 
 
@@ -158,12 +175,20 @@ Arrivals = Annotated[
     Field(discriminator="kind")]
 
 
+class Sessions(Strict):
+    """Users come back in sessions: a session is a burst of requests from one user."""
+
+    mean_requests: Annotated[float, Field(ge=1)] = 1.0
+    mean_gap_s: PositiveFloat = 30.0
+
+
 class Users(Strict):
     count: PositiveInt = 100_000
     zipf_s: Annotated[float, Field(ge=0)] = 1.0
     history_len: Distribution = LognormalDist(kind="lognormal", mean=2000, cv=1.0)
     min_history_len: PositiveInt = 1
     max_history_len: PositiveInt | None = None
+    sessions: Sessions = Sessions()
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -205,6 +230,12 @@ class NodePool(Strict):
     device: str = Field("h100", description=f"a preset ({', '.join(PRESETS)}) or a key of `devices`")
 
 
+class Affinity(Strict):
+    virtual_nodes: PositiveInt = 64
+    overload_jobs: PositiveInt = Field(
+        8, description="affinity_fallback leaves the home node when it holds this many jobs")
+
+
 class Batching(Strict):
     """A batch of n jobs costs the first job's time plus marginal_cost x each other's."""
 
@@ -215,14 +246,71 @@ class Batching(Strict):
 
 class Stage(Strict):
     nodes: NodePool = NodePool()
-    router: Literal["shared", "random", "round_robin", "least_loaded", "power_of_two"] = Field(
-        "round_robin", description="per-node queues picked by this policy, or one shared FIFO queue")
+    router: Literal["shared", "delay", "random", "round_robin", "least_loaded", "power_of_two",
+                    "affinity", "affinity_fallback"] = Field(
+        "round_robin", description="per-node queues picked by this policy; `shared`: one FIFO "
+                                   "queue for all nodes (M/M/c); `delay`: no queue, infinite servers")
+    affinity: Affinity = Affinity()
     queue: Literal["fifo"] = "fifo"
     batch: Batching = Batching()
     service: ServiceModel
     candidates: PositiveInt | None = Field(
         None, description="candidates this stage handles per request; default: the request's M")
     hop_ms: NonNegFloat = Field(0.0, description="network latency to the next stage")
+
+
+class NoTrigger(Strict):
+    kind: Literal["none"]
+
+
+class AllTrigger(Strict):
+    kind: Literal["all"]
+
+
+class LengthTrigger(Strict):
+    kind: Literal["length"]
+    min_history_len: PositiveInt
+
+
+class SequenceAwareTrigger(Strict):
+    """Pre-infer only requests whose predicted full ranking (queue ahead included) would
+    overrun the budget; bounded by pending pre-infer jobs and pinned cache bytes."""
+
+    kind: Literal["sequence_aware"]
+    budget_ms: PositiveFloat | None = Field(None, description="default: the stage's SLO budget")
+    max_pending: PositiveInt = 4
+    max_pinned_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
+
+
+Trigger = Annotated[Union[NoTrigger, AllTrigger, LengthTrigger, SequenceAwareTrigger],
+                    Field(discriminator="kind")]
+
+
+class PrefixCacheConfig(Strict):
+    hbm_bytes: PositiveInt = Field(description="HBM for prefix KV per instance")
+    policy: Literal["lru", "ttl"] = "lru"
+    ttl_s: PositiveFloat = 3600.0
+
+
+class Expander(Strict):
+    dram_bytes: Annotated[int, Field(ge=0)] = Field(0, description="host DRAM per instance for evicted prefixes")
+    reload: Literal["cheaper", "always"] = Field(
+        "cheaper", description="reload from DRAM only when cheaper than recomputing, or always")
+
+
+class Relay(Strict):
+    """RelayGR: pre-infer users' long-term prefixes on the instance that will rank them."""
+
+    stage: str = "ranking"
+    signal_after: str = Field("retrieval", description="a stage before `stage`, or 'arrival'")
+    signal_ms: NonNegFloat = Field(0.5, description="network time of the pre-infer signal")
+    trigger: Trigger = SequenceAwareTrigger(kind="sequence_aware")
+    queue: Literal["fifo", "rank_first", "pre_first"] = "fifo"
+    cache: PrefixCacheConfig
+    expander: Expander = Expander()
+    remote: Literal["recompute", "fetch"] = Field(
+        "recompute", description="a prefix held by another instance: recompute, or fetch it")
+    remote_gbps: PositiveFloat = 12.5
 
 
 class SLO(Strict):
@@ -253,6 +341,7 @@ class Scenario(Strict):
     devices: dict[str, DeviceSpec] = {}
     stages: dict[str, Stage] = Field(min_length=1)
     slo: SLO
+    relay: Relay | None = None
     run: RunControl = RunControl()
 
     @model_validator(mode="after")
@@ -273,7 +362,33 @@ class Scenario(Strict):
                 and self.run.requests is not None):
             raise ValueError("run.requests: piecewise arrivals end at factor 0, so the count may "
                              "never be reached; give run.duration_s instead")
+        if self.relay is not None:
+            self._check_relay(self.relay)
         return self
+
+    def _check_relay(self, relay: Relay) -> None:
+        names = list(self.stages)
+        if relay.stage not in self.stages:
+            raise ValueError(f"relay.stage: no stage named {relay.stage!r}")
+        stage = self.stages[relay.stage]
+        if stage.service.kind != "gr":
+            raise ValueError(f"relay.stage: stage {relay.stage!r} needs service kind 'gr' (phase costs)")
+        if stage.batch.max_size != 1:
+            raise ValueError(f"stages.{relay.stage}.batch.max_size: must be 1 with relay "
+                             f"(batched relay ranking is not modelled yet)")
+        if stage.router in ("shared", "delay"):
+            raise ValueError(f"stages.{relay.stage}.router: a relay stage needs per-instance queues")
+        before = names[:names.index(relay.stage)]
+        if relay.signal_after != "arrival" and relay.signal_after not in before:
+            raise ValueError(f"relay.signal_after: must be 'arrival' or a stage before "
+                             f"{relay.stage!r} ({', '.join(before) or 'none'}), got {relay.signal_after!r}")
+        device = self.device(stage.nodes.device)
+        if relay.cache.hbm_bytes > device.hbm_bytes:
+            raise ValueError(f"relay.cache.hbm_bytes: {relay.cache.hbm_bytes} exceeds the "
+                             f"{device.name} HBM ({device.hbm_bytes} bytes)")
+        if relay.expander.dram_bytes > device.host_dram_bytes:
+            raise ValueError(f"relay.expander.dram_bytes: {relay.expander.dram_bytes} exceeds the "
+                             f"host DRAM ({device.host_dram_bytes} bytes)")
 
     def device(self, name: str) -> DeviceSpec:
         if name in self.devices:

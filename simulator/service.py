@@ -84,6 +84,47 @@ class FromTable:
         return self.curve.sample_ms(L, M, self._u.next())
 
 
+class GRPhases:
+    """A GR ranking model's phase costs from one table (one draw stream for all phases).
+
+    `sample(L, M)` is the full forward pass, so a GR stage without relay behaves like a
+    table stage; the relay asks for single phases and for medians (its predictions).
+    """
+
+    RELAY_PHASES = ("prefix_encode", "rank_cached", "prefix_reload")
+
+    def __init__(self, table, condition: str, rng: np.random.Generator, extrapolate: bool,
+                 where: str, kv_bytes_per_token: int | None, relay: bool):
+        phases = ("full_forward", *self.RELAY_PHASES) if relay else ("full_forward",)
+        try:
+            self.curves = {p: table.curve(p, condition) for p in phases}
+        except InputError as e:
+            raise InputError(e.message, e.source, where) from None
+        self.checks = {p: FromTable(c, rng, extrapolate, where) for p, c in self.curves.items()}
+        self._u = Draws(rng, lambda r, n: r.uniform(0, 1, n))
+        self.kv_bytes_per_token = kv_bytes_per_token or table.manifest.model.get("kv_bytes_per_token")
+        if relay and not self.kv_bytes_per_token:
+            raise InputError("the table's model has no kv_bytes_per_token; set it on the service",
+                             None, where)
+
+    def check(self, L: np.ndarray, M: np.ndarray) -> int:
+        zeros = np.zeros_like(M)
+        return max(c.check(L, zeros if p in ("prefix_encode", "prefix_reload") else M)
+                   for p, c in self.checks.items())
+
+    def sample(self, L: int, M: int) -> float:
+        return self.curves["full_forward"].sample_ms(L, M, self._u.next())
+
+    def phase(self, name: str, L: int, M: int = 0) -> float:
+        return self.curves[name].sample_ms(L, M, self._u.next())
+
+    def median(self, name: str, L: int, M: int = 0) -> float:
+        return self.curves[name].median_ms(L, M)
+
+    def prefix_bytes(self, L: int) -> int:
+        return int(L * self.kv_bytes_per_token)
+
+
 def _within(v: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return np.ones(len(v), bool) if len(grid) == 1 else (v >= grid[0]) & (v <= grid[-1])
 
@@ -92,7 +133,8 @@ def _span(grid) -> str:
     return f"{int(grid[0])}..{int(grid[-1])}"
 
 
-def build(model: sc.ServiceModel, rng: np.random.Generator, where: str) -> ServiceTime:
+def build(model: sc.ServiceModel, rng: np.random.Generator, where: str,
+          relay: bool = False) -> ServiceTime:
     """The runtime service-time model for a scenario's `service` block."""
     if isinstance(model, sc.ConstantService):
         return Constant(model.ms)
@@ -114,4 +156,12 @@ def build(model: sc.ServiceModel, rng: np.random.Generator, where: str) -> Servi
         except InputError as e:
             raise InputError(e.message, e.source, where) from None
         return FromTable(curve, rng, model.extrapolate, where)
+    if isinstance(model, sc.GRService):
+        from simrec.calibration.table import load_table
+        try:
+            table = load_table(model.table)
+        except InputError as e:
+            raise InputError(e.message, e.source, where) from None
+        return GRPhases(table, model.condition, rng, model.extrapolate, where,
+                        model.kv_bytes_per_token, relay)
     raise TypeError(model)

@@ -27,11 +27,13 @@ class Job:
     L: int
     M: int
     enqueued_ms: float
-    done: simpy.Event
+    done: simpy.Event | None
     node: int = -1
     start_ms: float = 0.0
     service_ms: float = 0.0
     batch: int = 0
+    kind: int = 0              # 0: the request's own work; relay.PRE_JOB: a pre-infer job
+    pred_ms: float = 0.0       # predicted service time, for backlog-aware policies
 
 
 @dataclass(slots=True)
@@ -43,11 +45,16 @@ class Node:
     in_service: int = 0
     busy_ms: float = 0.0           # total busy time so far
     busy_since: float = -1.0       # start of the current batch, -1 when idle
+    current_ms: float = 0.0        # service time of the current batch
+    backlog_ms: float = 0.0        # predicted work queued (relay stages keep this)
     busy_starts: list = field(default_factory=list)
     busy_ends: list = field(default_factory=list)
 
     def submit(self, job: Job) -> None:
         self.queue.append(job)
+        self.wake()
+
+    def wake(self) -> None:
         if self.wakeup is not None:
             self.wakeup.succeed()
             self.wakeup = None
@@ -62,6 +69,7 @@ class Stage:
     name: str
     nodes: list[Node]
     dispatch: Callable[[Job], None]
+    pick: Callable[[int], Node] | None     # the router (None for a shared queue)
     service: ServiceTime
     max_batch: int
     max_wait_ms: float
@@ -98,20 +106,33 @@ def node_worker(env: simpy.Environment, stage: Stage, node: Node):
         batch = [queue.popleft() for _ in range(n)]
         t = batch_service_ms(stage, batch)
         now = env.now
-        node.in_service, node.busy_since = n, now
-        node.busy_starts.append(now)
-        yield env.timeout(t)
-        node.busy_ms += t
-        node.in_service, node.busy_since = 0, -1.0
-        node.busy_ends.append(env.now)
+        yield from serve(env, node, n, t)
         for job in batch:
             job.node = node.index
             job.start_ms, job.service_ms, job.batch = now, t, n
             job.done.succeed()
 
 
-def make_dispatch(kind: str, nodes: list[Node], pick: Callable[[int], Node] | None) -> Callable[[Job], None]:
-    """How a stage hands a job to its nodes: a router's pick, or one shared FIFO queue."""
+def serve(env: simpy.Environment, node: Node, n: int, t: float):
+    """Hold the node busy with n jobs for t ms, keeping its busy accounting."""
+    node.in_service, node.busy_since, node.current_ms = n, env.now, t
+    node.busy_starts.append(env.now)
+    yield env.timeout(t)
+    node.busy_ms += t
+    node.in_service, node.busy_since = 0, -1.0
+    node.busy_ends.append(env.now)
+
+
+def make_dispatch(env: simpy.Environment, kind: str, nodes: list[Node],
+                  pick: Callable[[int], Node] | None, service: ServiceTime) -> Callable[[Job], None]:
+    """How a stage hands a job to its nodes: a router's pick, one shared FIFO queue, or
+    (`delay`) no queue at all: an infinite-server stage that only adds its service time."""
+    if kind == "delay":
+        def delay(job: Job) -> None:
+            t = service.sample(job.L, job.M)
+            job.node, job.start_ms, job.service_ms, job.batch = 0, env.now, t, 1
+            env.timeout(t).callbacks.append(lambda _: job.done.succeed())
+        return delay
     if kind != "shared":
         return lambda job: pick(job.user).submit(job)
     shared: deque = deque()

@@ -140,6 +140,38 @@ class UserPopulation:
         return np.minimum(idx, len(self.cdf) - 1)
 
 
+def session_arrivals(workload: sc.Workload, run: sc.RunControl, users: UserPopulation,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sessions start by the arrival process at rate / mean_requests; each belongs to one
+    Zipf-drawn user and holds a geometric number of requests (mean `mean_requests`)
+    separated by exponential gaps (mean `mean_gap_s`). Sessions start from well before 0
+    so the run opens in steady state; the long-run rate stays rate_qps."""
+    ses = workload.users.sessions
+    rate = workload.rate_qps / ses.mean_requests
+    lead = 10 * (ses.mean_requests - 1) * ses.mean_gap_s
+    horizon = run.duration_s if run.duration_s is not None else 1.3 * run.requests / workload.rate_qps
+    while True:
+        starts = arrival_times_s(workload.arrivals, rate, rng, lead + horizon, None) - lead
+        sizes = rng.geometric(1 / ses.mean_requests, len(starts))
+        owner = users.pick(rng, len(starts))
+        first_of = np.cumsum(sizes) - sizes                       # index of each session's first
+        gaps = rng.exponential(ses.mean_gap_s, int(sizes.sum()))
+        gaps[first_of] = 0.0
+        offsets = np.cumsum(gaps)
+        offsets -= np.repeat(offsets[first_of], sizes)             # restart the sum per session
+        times = np.repeat(starts, sizes) + offsets
+        uid = np.repeat(owner, sizes)
+        keep = (times >= 0) & (times < horizon)
+        times, uid = times[keep], uid[keep]
+        order = np.argsort(times, kind="stable")
+        times, uid = times[order], uid[order]
+        if run.requests is None:
+            return times, uid
+        if len(times) >= run.requests:
+            return times[:run.requests], uid[:run.requests]
+        horizon *= 2
+
+
 def generate(workload: sc.Workload, run: sc.RunControl, rng: np.random.Generator) -> RequestBatch:
     """All requests of one replication."""
     if isinstance(workload.arrivals, sc.TraceArrivals):
@@ -152,9 +184,13 @@ def generate(workload: sc.Workload, run: sc.RunControl, rng: np.random.Generator
             batch = RequestBatch(batch.arrival_ms[keep], batch.user_id[keep],
                                  batch.history_len[keep], batch.candidates[keep])
         return batch
-    times_s = arrival_times_s(workload.arrivals, workload.rate_qps, rng, run.duration_s, run.requests)
-    n = len(times_s)
     users = UserPopulation(workload.users, rng)
-    uid = users.pick(rng, n)
+    sessions = workload.users.sessions
+    if sessions.mean_requests > 1:
+        times_s, uid = session_arrivals(workload, run, users, rng)
+    else:
+        times_s = arrival_times_s(workload.arrivals, workload.rate_qps, rng, run.duration_s, run.requests)
+        uid = users.pick(rng, len(times_s))
+    n = len(times_s)
     cands = np.maximum(1, np.rint(draw(workload.candidates, rng, n))).astype(np.int64)
     return RequestBatch(times_s * 1000.0, uid.astype(np.int64), users.history_len[uid], cands)

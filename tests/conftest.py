@@ -56,6 +56,8 @@ def check_invariants(results: simrec.Results) -> None:
         t_end = rep.stopped_ms
         tsr = ts[ts["replication"] == rep.index]
         for name in names:
+            if scen.stages[name].router == "delay":
+                continue
             c = scen.stages[name].nodes.count
             # Little's law over the whole run (empty at both ends): the time-average number
             # in the stage, measured from the sampled queue + in-service counts, equals
@@ -67,11 +69,58 @@ def check_invariants(results: simrec.Results) -> None:
             batches = np.array_split(n_t, 20)
             se = np.std([b.mean() for b in batches], ddof=1) / np.sqrt(20)
             sojourn = g[f"{name}_wait_ms"] + g[f"{name}_service_ms"]
-            lam_W = sojourn.sum() / t_end
+            pre = rep.relay.counters.time_in_queue_ms if (scen.relay and scen.relay.stage == name) else 0
+            lam_W = (sojourn.sum() + pre) / t_end
             assert abs(n_t.mean() - lam_W) <= 4 * se + 1e-9, (name, n_t.mean(), lam_W, se)
             # Utilisation from node busy intervals equals lambda E[S] / c from the records
             # (exact for unbatched stages: each service interval is one job).
             busy = sum(float(np.sum(e - s_)) for s_, e in rep.busy[name])
-            if scen.stages[name].batch.max_size == 1:
+            relay_stage = scen.relay is not None and scen.relay.stage == name
+            if scen.stages[name].router == "delay":   # no servers, nothing busy
+                assert busy == 0
+            elif relay_stage:   # the device also runs pre-infer jobs
+                assert busy >= g[f"{name}_service_ms"].sum() - 1e-6
+            elif scen.stages[name].batch.max_size == 1:
                 assert busy / (c * t_end) == pytest.approx(
                     len(g) / t_end * g[f"{name}_service_ms"].mean() / c, rel=1e-9)
+
+
+def write_gr_table(folder, kv_bytes_per_token: int = 16384):
+    """A synthetic GR cost table with the four relay phases (labelled illustrative).
+
+    Shapes are smooth made-up functions; tests use it only to exercise relay logic.
+    """
+    import itertools
+
+    import pandas as pd
+
+    from simrec.calibration.table import write_table
+    quantiles, spread = (0.1, 0.5, 0.9, 0.99), (0.9, 1.0, 1.15, 1.4)
+    Ls, Ms = (256, 1024, 4096, 16384), (32, 128, 512, 1024)
+
+    def full(L, M):
+        return 0.5 + 2e-4 * L + 1e-3 * M + 2e-8 * L * L
+
+    rows = []
+    for L, M in itertools.product(Ls, Ms):
+        for q, k in zip(quantiles, spread):
+            rows.append(("full_forward", "isolated", L, M, q, full(L, M) * k, 100))
+            rows.append(("rank_cached", "isolated", L, M, q, (0.3 + 1e-3 * M + 2e-5 * L) * k, 100))
+    for L in Ls:
+        for q, k in zip(quantiles, spread):
+            rows.append(("prefix_encode", "isolated", L, 0, q, full(L, 0) * k, 100))
+            rows.append(("prefix_reload", "isolated", L, 0, q,
+                         (0.02 + L * kv_bytes_per_token / 25e9 * 1e3) * k, 100))
+    frame = pd.DataFrame(rows, columns=["phase", "condition", "history_len", "candidates",
+                                        "quantile", "time_ms", "n_samples"])
+    write_table(frame, folder, {
+        "format_version": 1, "name": "synthetic_gr", "label": "illustrative",
+        "device": {"name": "none"}, "date": "2026-11-23",
+        "model": {"kv_bytes_per_token": kv_bytes_per_token},
+        "grid": {"history_len": list(Ls), "candidates": list(Ms)}})
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def gr_table(tmp_path_factory):
+    return write_gr_table(tmp_path_factory.mktemp("tables") / "synthetic_gr")
