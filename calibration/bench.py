@@ -321,7 +321,6 @@ class Bench:
         self.clock = Clock(self.dev)
         self.rows: list[tuple] = []
         self.kernel_rows: list[tuple] = []
-        self.samples: dict[tuple, np.ndarray] = {}
         self.pool: PressurePool | None = None
         self.info: dict = {}
         d = cfg.emb_dim
