@@ -116,9 +116,9 @@ class Workload:
     rate_qps: float
     requests: int
     users: int = 50_000
-    zipf_s: float = 1.0
+    zipf_s: float = 1.2
     history_lens: tuple[int, ...] = (1024, 2048, 4096, 8192)
-    length_weights: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)
+    length_weights: tuple[float, ...] = (0.35, 0.3, 0.2, 0.15)
     candidates: int = 128
     lead_ms: float = 20.0
     seed: int = 0
@@ -515,6 +515,55 @@ def table_work_ms(sched: pd.DataFrame, policy: Policy, med: dict) -> float:
     return float(np.where(L >= policy.min_history_len, pre, full).mean())
 
 
+def job_mix(sched: pd.DataFrame, policy: Policy, kvpt: int) -> pd.DataFrame:
+    """Expected jobs per request, by (phase, L), from an offline pass of the cache over the
+    schedule (LRU by bytes, in request order, no timing or pins): for planning rates only."""
+    counts: dict[tuple[str, int], int] = {}
+
+    def add(phase, L):
+        counts[(phase, L)] = counts.get((phase, L), 0) + 1
+    cache: dict[int, int] = {}
+    used = 0
+    for user, L in zip(sched["user_id"].tolist(), sched["history_len"].tolist()):
+        if policy.kind == "full":
+            add("full_forward", L)
+        elif user in cache:
+            cache[user] = cache.pop(user)          # refresh (dicts keep insertion order)
+            add("rank_cached", L)
+        elif L >= policy.min_history_len and L * kvpt <= policy.cache_bytes:
+            while used + L * kvpt > policy.cache_bytes:
+                old = next(iter(cache))
+                used -= cache.pop(old)
+            cache[user] = L * kvpt
+            used += L * kvpt
+            add("prefix_encode", L)
+            add("rank_cached", L)
+        else:
+            add("full_forward", L)
+    n = len(sched)
+    return pd.DataFrame([(p, L, c / n) for (p, L), c in counts.items()], columns=["phase", "L", "per_request"])
+
+
+def planned_work_ms(sched: pd.DataFrame, policy: Policy, kvpt: int, pilot_jobs: pd.DataFrame,
+                    med: dict) -> float:
+    """Busy ms per request: the expected job mix x the pilot's mean busy time per (phase, L)
+    (a (phase, L) the pilot never ran: its table median x the pilot's overall ratio)."""
+    ran = pilot_jobs[pilot_jobs["start_ms"].notna() & (pilot_jobs["phase"].astype(str) != "")]
+    busy = (ran["service_ms"] + ran["overhead_ms"]).groupby(
+        [ran["phase"].astype(str), ran["history_len"]]).mean().to_dict()
+    M = int(sched["candidates"].iloc[0])
+    key = [(p, 0 if p == "prefix_encode" else M) for p in ran["phase"].astype(str)]
+    medians = np.array([med[(p, int(L), m)] for (p, m), L in zip(key, ran["history_len"])])
+    ratio = float((ran["service_ms"] + ran["overhead_ms"]).sum() / medians.sum()) if len(ran) else 1.0
+    total = 0.0
+    for r in job_mix(sched, policy, kvpt).itertuples():
+        t = busy.get((r.phase, r.L))
+        if t is None:
+            t = ratio * med[(r.phase, r.L, 0 if r.phase == "prefix_encode" else M)]
+        total += r.per_request * t
+    return total
+
+
 def check_grid(workload: Workload, manifest: dict) -> None:
     grid = manifest.get("grid", {})
     missing = [L for L in workload.history_lens if L not in grid.get("history_len", [])]
@@ -523,7 +572,7 @@ def check_grid(workload: Workload, manifest: dict) -> None:
                          f"{list(workload.history_lens)} / candidates {workload.candidates} vs grid {grid}")
 
 
-def run_series(table_dir: Path, out: Path, policy: Policy, loads: list[float], requests: list[int],
+def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads: list[float], requests: list[int],
                base: Workload, device: str | None = None, rates: list[float] | None = None,
                pilot_s: float = 4.0, pilot_load: float = 0.5, deadline: float | None = None,
                min_requests: int = 5000, tags: list[str] | None = None,
@@ -531,11 +580,17 @@ def run_series(table_dir: Path, out: Path, policy: Policy, loads: list[float], r
                log=print) -> list[Path]:
     """Serve one run per load (utilisation target) with one model instance.
 
-    Arrival rates: given (`rates`), or load / (busy time per request) where the busy time
-    per request is measured by a short open-loop pilot at `pilot_load` of the table's
-    estimate. With a `deadline` (time.time() seconds) run lengths are scaled down, not
-    below `min_requests`, so that the series ends before it.
+    `policy` is one policy for all runs, or one per run (e.g. the same relay policy with
+    another cache size). Arrival rates: given (`rates`), or load / (busy time per request)
+    where the busy time per request is measured by a short open-loop pilot of the first
+    run's policy at `pilot_load` of the table's estimate. With a `deadline` (time.time()
+    seconds) run lengths are scaled down, not below `min_requests`, so that the series ends
+    before it.
     """
+    policies = list(policy) if isinstance(policy, (list, tuple)) else [policy] * len(loads)
+    if len(policies) != len(loads) or len(requests) != len(loads) or (rates and len(rates) != len(loads)):
+        raise ValueError("need one policy (or one for all), one request count and one rate per load")
+    policy = policies[0]
     table_dir = Path(table_dir)
     manifest = load_manifest(table_dir)
     check_grid(base, manifest)
@@ -544,7 +599,7 @@ def run_series(table_dir: Path, out: Path, policy: Policy, loads: list[float], r
     server = Server(spec, dev, base.history_lens, base.candidates, seed=manifest.get("method", {}).get("seed", 0))
     log(f"testbed: {policy.kind} on {_device_name(dev)}; model {spec}; warm-up "
         f"{server.warm_up():.1f}s")
-    plan: dict = {"policy": asdict(policy), "loads": list(loads)}
+    plan: dict = {"policies": [asdict(p) for p in policies], "loads": list(loads)}
     if rates is None:
         med = table_medians(table_dir, manifest)
         probe = replace(base, rate_qps=1.0, requests=20_000, seed=base.seed)
@@ -555,11 +610,17 @@ def run_series(table_dir: Path, out: Path, policy: Policy, loads: list[float], r
                       policy, base.lead_ms)
         s = run_summary(pilot.jobs)
         busy = s["busy_ms_per_request"]
-        rates = [load / busy * 1000.0 for load in loads]
+        rates, work = [], []
+        for load, n, pol in zip(loads, requests, policies):
+            w = planned_work_ms(schedule(replace(base, rate_qps=1.0, requests=n)), pol,
+                                spec.kv_bytes_per_token, pilot.jobs, med)
+            work.append(round(w, 4))
+            rates.append(load / w * 1000.0)
         plan["pilot"] = {"table_work_ms_per_request": round(est, 4), "rate_qps": round(rate, 2),
-                         "requests": n_pilot, "summary": s}
+                         "requests": n_pilot, "summary": s, "planned_work_ms_per_request": work}
         log(f"pilot: table estimate {est:.3f} ms/request; {n_pilot} requests at {rate:.1f}/s -> "
-            f"{busy:.3f} ms busy/request (x{busy / est:.2f}), utilisation {s['utilisation']:.3f}")
+            f"{busy:.3f} ms busy/request (x{busy / est:.2f}), utilisation {s['utilisation']:.3f}; "
+            f"planned work per request (steady-state job mix) {work} ms")
     plan["rates_qps"] = [round(r, 3) for r in rates]
     if deadline is not None:
         left = deadline - time.time() - 5.0 - 3.0 * len(loads)   # write/pack margin per run
@@ -571,7 +632,7 @@ def run_series(table_dir: Path, out: Path, policy: Policy, loads: list[float], r
     plan["requests"] = list(requests)
     log(f"plan: {json.dumps(plan['rates_qps'])} req/s, {requests} requests")
     written = []
-    for k, (load, rate, n) in enumerate(zip(loads, rates, requests)):
+    for k, (load, rate, n, policy) in enumerate(zip(loads, rates, requests, policies)):
         w = replace(base, rate_qps=rate, requests=n)
         tag = tags[k] if tags else ""
         name = f"{policy.kind}_u{int(round(load * 100)):02d}{tag}"
@@ -625,13 +686,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tags", default=None, help="comma-separated suffixes of the run names")
     p.add_argument("--device", default=None)
     p.add_argument("--users", type=int, default=50_000)
-    p.add_argument("--zipf", type=float, default=1.0)
+    p.add_argument("--zipf", type=float, default=1.2)
     p.add_argument("--history-lens", type=_ints, default=[1024, 2048, 4096, 8192])
-    p.add_argument("--length-weights", type=_floats, default=[0.4, 0.3, 0.2, 0.1])
+    p.add_argument("--length-weights", type=_floats, default=[0.35, 0.3, 0.2, 0.15])
     p.add_argument("--candidates", type=int, default=128)
     p.add_argument("--lead-ms", type=float, default=20.0)
     p.add_argument("--threshold", type=int, default=4096, help="relay: min history length to pre-infer")
-    p.add_argument("--cache-mib", type=float, default=16384.0, help="relay: HBM prefix cache (MiB)")
+    p.add_argument("--cache-mib", type=_floats, default=[16384.0],
+                   help="relay: HBM prefix cache (MiB), one value or one per load")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pilot-s", type=float, default=4.0)
     p.add_argument("--deadline", type=float, default=None, help="unix time by which the series must end")
@@ -656,8 +718,11 @@ def main(argv=None) -> int:
     base = Workload(rate_qps=1.0, requests=1, users=a.users, zipf_s=a.zipf,
                     history_lens=tuple(a.history_lens), length_weights=tuple(a.length_weights),
                     candidates=a.candidates, lead_ms=a.lead_ms, seed=a.seed)
-    policy = Policy(a.policy, a.threshold, int(a.cache_mib * 2**20))
-    run_series(a.table, a.out, policy, a.loads, requests, base, a.device, a.rates, a.pilot_s,
+    caches = a.cache_mib * len(a.loads) if len(a.cache_mib) == 1 else a.cache_mib
+    if len(caches) != len(a.loads):
+        raise SystemExit("--cache-mib needs one value, or one per load")
+    policies = [Policy(a.policy, a.threshold, int(c * 2**20)) for c in caches]
+    run_series(a.table, a.out, policies, a.loads, requests, base, a.device, a.rates, a.pilot_s,
                deadline=a.deadline, min_requests=a.min_requests, tags=tags, pack_to=a.pack_to,
                log=lambda s: print(s, flush=True))
     return 0

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -69,6 +71,29 @@ def _load(path: Path, sets: list[str], seed: Optional[int]) -> Scenario:
 
 SetOpt = typer.Option(None, "--set", "-s", metavar="PATH=VALUE",
                       help="Override a scenario field, e.g. --set stages.ranking.nodes.count=8")
+ReportOpt = typer.Option(True, "--report/--no-report", help="also draw plots and report.html")
+ExecutorOpt = typer.Option("local", help="local (process pool), serial, or ray")
+WorkersOpt = typer.Option(None, help="processes for the local executor (default: all cores)")
+RayOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default: start a local one)")
+CacheOpt = typer.Option(None, help="finished-point cache (default: .simrec-cache beside the output)")
+
+
+@contextmanager
+def _bar(unit: str):
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn(unit), TimeElapsedColumn(), console=err, transient=True) as bar:
+        yield bar, bar.add_task("", total=None)
+
+
+def _cache_for(target: Path) -> Path:
+    return target.parent / ".simrec-cache"
+
+
+def _slo_for(sc: Scenario, metric: str) -> float:
+    parts = metric.split(".")
+    if parts[0] == "stages" and len(parts) > 1 and parts[1] in sc.slo.stage_p99_ms:
+        return sc.slo.stage_p99_ms[parts[1]]
+    return sc.slo.p99_ms
 
 
 @app.command()
@@ -76,24 +101,132 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML file"),
         set_: Optional[list[str]] = SetOpt,
         seed: Optional[int] = typer.Option(None, help="override run.seed"),
         out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
-                                               help="results folder (default: results/<scenario name>)")):
-    """Simulate one scenario and write a results folder.
+                                               help="results folder (default: results/<scenario name>)"),
+        report_: bool = ReportOpt):
+    """Simulate one scenario and write a results folder (plots and report.html included).
 
     Example: simrec run scenarios/default.yaml --set workload.rate_qps=2000 --seed 3 --out results/x
     """
     from .simulate import simulate
     try:
         sc = _load(scenario, set_, seed)
-        with Progress(TextColumn("[bold]simulating[/] {task.description}"), BarColumn(),
-                      MofNCompleteColumn(), TextColumn("replications"), TimeElapsedColumn(),
-                      console=err, transient=True) as bar:
-            task = bar.add_task(sc.name, total=sc.run.replications)
-            results = simulate(sc, progress=lambda done, total: bar.update(task, completed=done))
-        target = results.write(out_dir or Path("results") / sc.name)
+        with _bar("replications") as (bar, task):
+            bar.update(task, description=sc.name, total=sc.run.replications)
+            results = simulate(sc, progress=lambda done, total: bar.update(task, completed=done,
+                                                                           total=total))
+        target = results.write(out_dir or Path("results") / sc.name, report_)
     except InputError as e:
         _fail(e, scenario)
     out.print(key_figures(results))
+    for w in results.summary["warnings"]:
+        err.print(f"[yellow]warning:[/] {w}")
     out.print(f"results: {target}")
+
+
+@app.command()
+def sweep(spec: Path = typer.Argument(..., help="a sweep file (with `base:`), or a scenario file"),
+          grid: Optional[list[str]] = typer.Option(None, "--grid", "-g", metavar="PATH=V1,V2,...",
+                                                   help="a grid axis, e.g. --grid workload.rate_qps=500,1000"),
+          variant: Optional[list[str]] = typer.Option(None, "--variant", metavar="NAME:PATH=V;PATH=V",
+                                                      help="a named variant, one line in the plots"),
+          set_: Optional[list[str]] = SetOpt,
+          x: Optional[str] = typer.Option(None, help="x-axis parameter (default: the first grid axis)"),
+          out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="default: results/sweep-<name>"),
+          executor: str = ExecutorOpt, workers: Optional[int] = WorkersOpt,
+          ray_address: Optional[str] = RayOpt, cache: Optional[Path] = CacheOpt,
+          report_: bool = ReportOpt):
+    """Run a grid of scenario variants in parallel; one row per point with confidence bounds.
+
+    Example: simrec sweep scenarios/default.yaml --grid workload.rate_qps=500,1000,1500 --variant small:stages.ranking.nodes.count=2 --variant big:stages.ranking.nodes.count=8
+    """
+    from .sweep import SweepSpec, load_spec, run_sweep, spec_from_cli
+    try:
+        text = spec.read_text() if spec.exists() else ""
+        is_spec = text and isinstance(yaml.safe_load(text), dict) and "base" in yaml.safe_load(text)
+        if is_spec:
+            spec_obj, base = load_spec(spec)
+            extra = spec_from_cli(grid or [], variant or [], set_ or [])
+            spec_obj = spec_obj.model_copy(update={
+                "grid": {**spec_obj.grid, **extra["grid"]},
+                "variants": {**spec_obj.variants, **extra["variants"]},
+                "set": {**spec_obj.set, **extra["set"]}, "x": x or spec_obj.x})
+        else:
+            base = load_scenario(spec)
+            spec_obj = SweepSpec(base=str(spec), x=x, **spec_from_cli(grid or [], variant or [], set_ or []))
+        target = out_dir or Path("results") / f"sweep-{spec.stem}"
+        with _bar("points") as (bar, task):
+            bar.update(task, description=spec.stem)
+            table = run_sweep(base, spec_obj, target, executor, workers, cache or _cache_for(target),
+                              ray_address, lambda d, t: bar.update(task, completed=d, total=t), report_)
+    except (InputError, yaml.YAMLError) as e:
+        _fail(e if isinstance(e, InputError) else InputError(f"invalid YAML: {e}", str(spec)), spec)
+    show = [c for c in ("variant", *spec_obj.grid, "e2e.p99_ms", "e2e.p99_ms_lo", "e2e.p99_ms_hi",
+                        "goodput_rps", "slo_attainment") if c in table.columns]
+    out.print(table[show].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    out.print(f"results: {target}")
+
+
+@app.command()
+def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file"),
+             param: str = typer.Option("workload.rate_qps", "--param", "-p",
+                                       help="the field to search, e.g. workload.rate_qps, "
+                                            "workload.users.history_len.value, stages.ranking.nodes.count"),
+             start: Optional[float] = typer.Option(None, help="first value tried (default: its current value)"),
+             metric: str = typer.Option("e2e.p99_ms", help="metric path, e.g. stages.ranking.p99_ms"),
+             slo: Optional[float] = typer.Option(None, help="budget in ms (default: the scenario's "
+                                                              "SLO for that metric)"),
+             fewest: bool = typer.Option(False, "--fewest", help="search the fewest (e.g. instances) "
+                                                                  "instead of the most (e.g. QPS)"),
+             integer: Optional[bool] = typer.Option(None, help="integer parameter (default: inferred)"),
+             rel_tol: float = typer.Option(0.02, help="stop when the bracket is this narrow (relative)"),
+             max_evals: int = typer.Option(20, help="most simulations to spend"),
+             set_: Optional[list[str]] = SetOpt,
+             out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="default: results/capacity-<name>"),
+             cache: Optional[Path] = CacheOpt, report_: bool = ReportOpt):
+    """Largest QPS (or L), or fewest instances, whose P99 upper confidence bound meets the SLO.
+
+    Example: simrec capacity scenarios/default.yaml --param workload.rate_qps --metric stages.ranking.p99_ms
+    """
+    from .capacity import search, write_capacity
+    from .loader import get_path
+    try:
+        sc = _load(scenario, set_, None)
+        current = get_path(sc.model_dump(mode="json"), param.split("."), "--param")
+        first = start if start is not None else current
+        if not isinstance(first, (int, float)) or isinstance(first, bool):
+            raise InputError(f"{param} is not a number (got {first!r}); give --start", "--param")
+        budget = slo if slo is not None else _slo_for(sc, metric)
+        is_int = integer if integer is not None else isinstance(current, int)
+        target = out_dir or Path("results") / f"capacity-{sc.name}"
+        with _bar("simulations") as (bar, task):
+            bar.update(task, description=param, total=max_evals)
+            cap, summaries = search(sc, param, metric, budget, first, worse_when_higher=not fewest,
+                                    integer=is_int, rel_tol=rel_tol, max_evals=max_evals,
+                                    cache_dir=cache or _cache_for(target),
+                                    progress=lambda d, t: bar.update(task, completed=d))
+        write_capacity(cap, summaries, target, report_)
+    except InputError as e:
+        _fail(e, scenario)
+    d = cap.as_dict()
+    out.print(f"{param}: passing {d['bracket'][0]}, failing {d['bracket'][1]} "
+              f"({metric} upper 95% bound vs {budget} ms; {d['evaluations']} simulations"
+              f"{', undecided ' + str(d['undecided']) if d['undecided'] else ''}"
+              f"{'; the metric stopped improving: the SLO looks unreachable' if d['plateau'] else ''})")
+    out.print(f"results: {target}")
+
+
+@app.command()
+def report(folder: Path = typer.Argument(..., help="a results folder from run, sweep or capacity")):
+    """Draw the plots and write report.html for a results folder.
+
+    Example: simrec report results/default-cascade
+    """
+    from simrec.reports import build_report
+    try:
+        paths = build_report(folder)
+    except InputError as e:
+        _fail(e)
+    out.print(f"wrote {len(paths)} files: {folder / 'report.html'}")
 
 
 @app.command()

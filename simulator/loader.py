@@ -104,6 +104,15 @@ def set_path(data: dict, keys: list[str], value: Any, item: str = "") -> None:
     node[keys[-1]] = value
 
 
+def get_path(data: dict, keys: list[str], source: str = "") -> Any:
+    node = data
+    for i, k in enumerate(keys):
+        if not isinstance(node, dict) or k not in node:
+            raise InputError(f"no field {'.'.join(keys[:i + 1])} in the scenario", source or None)
+        node = node[k]
+    return node
+
+
 def with_overrides(scenario: Scenario, overrides: dict[str, Any]) -> Scenario:
     """A derived scenario (for sweeps): dotted-path overrides applied, validated again."""
     data = scenario.model_dump(mode="json")

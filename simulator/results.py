@@ -8,9 +8,6 @@ arrival; rates and utilisation are per that window.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,6 +18,7 @@ import pyarrow.parquet as pq
 
 from . import scenario as sc
 from .cascade import Replication
+from .folders import atomic_folder
 from .relay import (ADMITTED, DRAM, HIT, PRE_OUTCOMES, PREFIX_OUTCOMES, REJECTED, REMOTE)
 from .stats import CI_LEVEL, CI_METHOD, describe, interval
 
@@ -101,6 +99,34 @@ def relay_metrics(rep: Replication, measured: np.ndarray) -> dict:
     }
 
 
+def settling_warning(scenario: sc.Scenario, reps: list[Replication]) -> str | None:
+    """Warn when the latency series has not settled: the mean latency of the first and the
+    second half of the measurement window differ beyond their paired 95% interval (and by
+    more than 5%), which means the warm-up was too short or the system is unstable."""
+    if len(reps) < 2:
+        return None
+    diffs, means = [], []
+    for rep in reps:
+        cut = warmup_ms(scenario, rep)
+        arr = rep.requests.arrival_ms
+        lat = np.where(np.isnan(rep.completion_ms), np.inf, rep.completion_ms - arr)
+        mid = (cut + rep.end_ms) / 2
+        first, second = lat[(arr >= cut) & (arr < mid)], lat[arr >= mid]
+        if len(first) == 0 or len(second) == 0:
+            return None
+        diffs.append(np.mean(second) - np.mean(first))
+        means.append(np.mean(lat[arr >= cut]))
+    d = interval(diffs)
+    if d["lo"] is None:   # unbounded latencies: requests never finished
+        return "latency did not settle: some requests never finished (the system is overloaded)"
+    if (d["lo"] > 0 or d["hi"] < 0) and abs(d["mean"]) > 0.05 * np.mean(means):
+        trend = "rising" if d["mean"] > 0 else "falling"
+        return (f"latency has not settled: mean latency is {trend} between the halves of the "
+                f"measurement window by {d['mean']:+.3g} ms (95% CI {d['lo']:+.3g}..{d['hi']:+.3g}); "
+                f"lengthen the warm-up or the run, or the system is overloaded")
+    return None
+
+
 def _merge(per_rep: list[dict]) -> dict:
     """Turn a list of same-shaped nested dicts of numbers into intervals."""
     first = per_rep[0]
@@ -109,6 +135,24 @@ def _merge(per_rep: list[dict]) -> dict:
     if isinstance(first, list):
         return [_merge([r[i] for r in per_rep]) for i in range(len(first))]
     return interval(per_rep)
+
+
+def flat_metrics(summary: dict) -> dict[str, float | None]:
+    """One flat row of a summary's metrics: `name`, `name_lo`, `name_hi` per figure.
+
+    Names join the metric path with '.', e.g. `e2e.p99_ms`, `stages.ranking.p99_ms`,
+    `utilisation.ranking.stage`, `relay.prefix_hit_rate`. Per-node lists are left out.
+    """
+    row: dict[str, float | None] = {}
+
+    def walk(node, path):
+        if isinstance(node, dict) and "mean" in node and "replications" in node:
+            row[path], row[path + "_lo"], row[path + "_hi"] = node["mean"], node["lo"], node["hi"]
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{path}.{k}" if path else k)
+    walk(summary["metrics"], "")
+    return row
 
 
 @dataclass
@@ -128,39 +172,38 @@ class Results:
             node = node[p]
         return node
 
-    def write(self, out_dir: str | Path) -> Path:
-        """Write the results folder atomically: a temp folder renamed into place."""
-        out = Path(out_dir)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+    def write(self, out_dir: str | Path, report: bool = False) -> Path:
+        """Write the results folder atomically (a temp folder renamed into place), with
+        plots and report.html if `report`."""
+        with atomic_folder(out_dir, report) as tmp:
             (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
             pq.write_table(self.requests, tmp / "requests.parquet")
             pq.write_table(self.timeseries, tmp / "timeseries.parquet")
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / out.name)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out
+        return Path(out_dir)
+
+
+def cost_tables(scenario_data: dict) -> dict[str, dict]:
+    """The cost tables a scenario (as data) uses, per stage, with their content hashes."""
+    from simrec.calibration.table import load_table
+    tables = {}
+    for name, stage in scenario_data["stages"].items():
+        service = stage["service"]
+        if service["kind"] in ("table", "gr"):
+            t = load_table(service["table"])
+            tables[name] = {"table": t.manifest.name, "label": t.manifest.label, "sha256": t.sha256,
+                            "phase": service.get("phase", "gr phases"),
+                            "condition": service["condition"]}
+    return tables
+
+
+def table_hashes(scenario_data: dict) -> dict[str, str]:
+    return {name: t["sha256"] for name, t in cost_tables(scenario_data).items()}
 
 
 def summarise(scenario: sc.Scenario, reps: list[Replication]) -> Results:
     per_rep = [replication_metrics(scenario, r) for r in reps]
     counts = [m.pop("counts") for m in per_rep]
-    tables = {}
-    for name, stage in scenario.stages.items():
-        if stage.service.kind in ("table", "gr"):
-            from simrec.calibration.table import load_table
-            t = load_table(stage.service.table)
-            tables[name] = {"table": t.manifest.name, "label": t.manifest.label,
-                            "sha256": t.sha256, "phase": getattr(stage.service, "phase", "gr phases"),
-                            "condition": stage.service.condition}
+    tables = cost_tables(scenario.model_dump(mode="json"))
     summary = {
         "simrec_version": VERSION,
         "scenario": scenario.model_dump(mode="json"),
@@ -174,6 +217,7 @@ def summarise(scenario: sc.Scenario, reps: list[Replication]) -> Results:
                      "measured": sum(c["measured"] for c in counts),
                      "warmup_ms": [c["warmup_ms"] for c in counts]},
         "extrapolated_lookups": {name: sum(r.extrapolated[name] for r in reps) for name in scenario.stages},
+        "warnings": [w for w in [settling_warning(scenario, reps)] if w],
         "metrics": _merge(per_rep),
     }
     return Results(scenario, summary, requests_table(scenario, reps), timeseries_table(scenario, reps),

@@ -323,7 +323,11 @@ class RunControl(Strict):
     requests: PositiveInt | None = None
     warmup_s: NonNegFloat | None = Field(
         None, description="default: 10% of the run (by time, or by requests)")
-    replications: PositiveInt = 5
+    replications: PositiveInt = Field(5, description="replications to run (the minimum, with a target)")
+    p99_halfwidth_rel: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="stopping rule: add replications until the end-to-end P99's CI "
+                          "half-width is under this fraction of the P99 (or max_replications)")
+    max_replications: PositiveInt = 40
     seed: Annotated[int, Field(ge=0)] = 1
     sample_interval_ms: PositiveFloat | None = Field(None, description="default: run length / 200")
 
@@ -331,6 +335,10 @@ class RunControl(Strict):
     def _one_length(self):
         if self.duration_s is not None and self.requests is not None:
             raise ValueError("give duration_s or requests, not both")
+        if self.p99_halfwidth_rel is not None and self.replications < 2:
+            raise ValueError("replications must be >= 2 with a p99_halfwidth_rel target")
+        if self.max_replications < self.replications:
+            raise ValueError("max_replications must be >= replications")
         return self
 
 

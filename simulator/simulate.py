@@ -5,19 +5,33 @@ from __future__ import annotations
 from typing import Callable
 
 from .cascade import run_replication
-from .results import Results, summarise
+from .results import Results, replication_metrics, summarise
 from .scenario import Scenario
+from .stats import interval
 
 
 def simulate(scenario: Scenario, progress: Callable[[int, int], None] | None = None) -> Results:
-    """Run every replication of the scenario and summarise them.
+    """Run the scenario's replications and summarise them.
 
-    `progress(done, total)` is called after each replication, for progress bars.
+    With `run.p99_halfwidth_rel` set, replications are added one at a time until the
+    end-to-end P99's confidence half-width is under that fraction of the P99, or
+    `run.max_replications` is reached. `progress(done, planned)` is called after each.
     """
-    total = scenario.run.replications
+    run = scenario.run
     reps = []
-    for i in range(total):
-        reps.append(run_replication(scenario, i))
+    planned = run.replications
+    while len(reps) < planned:
+        reps.append(run_replication(scenario, len(reps)))
         if progress is not None:
-            progress(i + 1, total)
+            progress(len(reps), planned)
+        if (run.p99_halfwidth_rel is not None and len(reps) == planned
+                and planned < run.max_replications and not _precise(scenario, reps)):
+            planned += 1
     return summarise(scenario, reps)
+
+
+def _precise(scenario: Scenario, reps: list) -> bool:
+    p99 = interval([replication_metrics(scenario, r)["e2e"]["p99_ms"] for r in reps])
+    if p99["lo"] is None or not p99["mean"]:
+        return False
+    return (p99["hi"] - p99["lo"]) / 2 <= scenario.run.p99_halfwidth_rel * p99["mean"]

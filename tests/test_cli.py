@@ -50,8 +50,8 @@ def test_run_writes_results_and_prints_key_figures(tmp_path):
     r = invoke("run", scen, "--out", out, "--seed", 5)
     assert r.exit_code == 0, r.output
     assert "end-to-end p99" in r.output and f"results: {out}" in r.output
-    assert sorted(p.name for p in out.iterdir()) == ["requests.parquet", "summary.json",
-                                                       "timeseries.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["plots", "report.html", "requests.parquet",
+                                                       "summary.json", "timeseries.parquet"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed"] == 5 and summary["replications"] == 2
     assert summary["requests"]["created"] == 4000 == summary["requests"]["completed"]
@@ -172,3 +172,37 @@ def test_table_shape_outside_grid_is_reported(tmp_path):
     assert line.startswith(f"{scen} stages.back.service: shape L=")
     assert "outside the table grid (L 256..16384, M 32..1024)" in line
 
+
+
+def test_sweep_capacity_and_report_commands(tmp_path):
+    scen = write(tmp_path, GOOD)
+    r = invoke("sweep", scen, "--grid", "workload.rate_qps=100,200", "--variant", "one:stages.back.nodes.count=1",
+               "--variant", "two:stages.back.nodes.count=2", "--executor", "serial", "--out", tmp_path / "sw")
+    assert r.exit_code == 0, r.output + r.stderr
+    assert {"sweep.json", "points.parquet", "report.html"} <= {p.name for p in (tmp_path / "sw").iterdir()}
+    assert r.output.count("one") == 2 and r.output.count("two") == 2
+    r = invoke("capacity", scen, "--param", "workload.rate_qps", "--max-evals", "4",
+               "--out", tmp_path / "cap", "--no-report")
+    assert r.exit_code == 0, r.output + r.stderr
+    cap = json.loads((tmp_path / "cap" / "capacity.json").read_text())
+    assert cap["evaluations"] <= 4 and cap["parameter"] == "workload.rate_qps"
+    assert not (tmp_path / "cap" / "report.html").exists()
+    r = invoke("report", tmp_path / "cap")
+    assert r.exit_code == 0 and (tmp_path / "cap" / "report.html").exists()
+    r = invoke("report", tmp_path)
+    assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_sweep_and_capacity_bad_input(tmp_path):
+    scen = write(tmp_path, GOOD)
+    r = invoke("sweep", scen, "--grid", "stages.back.nodes.count=1,0", "--executor", "serial",
+               "--out", tmp_path / "sw")
+    assert r.exit_code == 1
+    assert r.stderr.strip() == ("sweep stages.back.nodes.count: must be > 0 (got 0) "
+                                "(variant 'base', {'stages.back.nodes.count': 0})")
+    assert not (tmp_path / "sw").exists()
+    r = invoke("capacity", scen, "--param", "workload.colour")
+    assert r.exit_code == 1 and r.stderr.strip() == "--param: no field workload.colour in the scenario"
+    r = invoke("sweep", scen, "--grid", "workload.rate_qps=100", "--executor", "warp")
+    assert r.exit_code == 1
+    assert r.stderr.strip() == "--executor: unknown executor 'warp' (choose local, serial, ray)"

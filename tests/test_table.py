@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from simrec.calibration.table import COLUMNS, PHASES, load_table, write_table
+from simrec.calibration.table import builtin_tables, COLUMNS, PHASES, load_table, write_table
 from simrec.errors import InputError
 from simrec.service import FromTable
 
@@ -395,7 +395,8 @@ def test_missing_manifest(tmp_path):
     with pytest.raises(InputError) as e:
         load_table(str(folder))
     assert str(e.value) == (f"{folder}: no cost table at {folder / 'manifest.json'} "
-                            f"(built-in tables: illustrative_gr)")
+                            f"(built-in tables: {', '.join(builtin_tables())})")
+    assert "illustrative_gr" in builtin_tables()
 
 
 def test_missing_table_file(tmp_path):

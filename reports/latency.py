@@ -1,0 +1,157 @@
+"""End-to-end latency: the distribution (CDF and tail) and where a P99 request's time goes.
+
+Both use measured requests only (`warmup == False`). A request that never finished counts
+as infinitely late: it stays in the denominator of the CDF but draws no point.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from .figures import colour, new_figure, plain_log_axis, slo_line
+
+# Latency bands compared in the breakdown: (label, lower percentile, upper percentile).
+BANDS = (("median", 49.5, 50.5), ("P99", 98.5, 99.5))
+MIN_BAND = 5          # widen a band to at least this many requests (short runs)
+_LABELLED_REPS = 5    # name each replication in the legend up to this many
+_POINTS = 2000        # points drawn per curve below the 99th percentile
+
+
+def measured_latency(req: pd.DataFrame) -> pd.DataFrame:
+    """Measured requests with `latency_ms` finite, or +inf for requests that never finished."""
+    m = req[~req["warmup"].astype(bool)].copy()
+    m["latency_ms"] = m["latency_ms"].astype(float).fillna(np.inf)
+    return m
+
+
+def _ecdf(latency: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted finite latencies and F(x) over all requests, thinned below the 99th percentile
+    (every tail point is kept: the tail is what the plot is for)."""
+    n = len(latency)
+    x = np.sort(latency[np.isfinite(latency)])
+    y = np.arange(1, len(x) + 1) / max(n, 1)
+    if len(x) > _POINTS:
+        tail = int(0.99 * len(x))
+        keep = np.unique(np.concatenate([np.linspace(0, tail, _POINTS).astype(int),
+                                         np.arange(tail, len(x))]))
+        x, y = x[keep], y[keep]
+    return x, y
+
+
+def latency_cdf(req: pd.DataFrame, slo_ms: float | None, name: str = "") -> Figure:
+    """CDF of end-to-end latency (left) and its tail, P(latency > x) on a log axis (right)."""
+    fig, (ax, tail) = new_figure((11.0, 4.8), ncols=2)
+    m = measured_latency(req)
+    reps = sorted(m["replication"].unique())
+    for i, rep in enumerate(reps if len(reps) > 1 else []):
+        x, y = _ecdf(m.loc[m["replication"] == rep, "latency_ms"].to_numpy())
+        label = (f"replication {rep}" if len(reps) <= _LABELLED_REPS
+                 else (f"each of {len(reps)} replications" if i == 0 else None))
+        kw = dict(linewidth=0.9, alpha=0.7, color=colour(i + 1) if len(reps) <= _LABELLED_REPS else "0.6")
+        ax.step(x, y, where="post", label=label, **kw)
+        tail.step(x, 1 - y, where="post", **kw)
+    lat = m["latency_ms"].to_numpy()
+    x, y = _ecdf(lat)
+    unfinished = int((~np.isfinite(lat)).sum())
+    pooled = f"pooled ({len(lat):,} requests" + (f", {unfinished:,} unfinished)" if unfinished else ")")
+    ax.step(x, y, where="post", color="black", linewidth=1.8, label=pooled)
+    tail.step(x, 1 - y, where="post", color="black", linewidth=1.8)
+    for a in (ax, tail):
+        slo_line(a, slo_ms, axis="x")
+        a.set_xlabel("end-to-end latency (ms, log scale)")
+        a.grid(True, which="both", alpha=0.3)
+        if len(x):
+            a.set_xscale("log")
+            plain_log_axis(a.xaxis)
+    ax.axhline(0.99, color="0.4", linestyle=":", linewidth=1.2, label="P99 (F = 0.99)")
+    tail.axhline(0.01, color="0.4", linestyle=":", linewidth=1.2)
+    ax.set_ylim(0, 1.01)
+    ax.set_ylabel("fraction of requests ≤ x")
+    ax.set_title("End-to-end latency CDF (measured requests)")
+    tail.set_ylabel("fraction of requests > x (log scale)")
+    tail.set_title("Tail: P(latency > x)")
+    if len(lat):
+        tail.set_yscale("log")
+        tail.set_ylim(0.5 / len(lat), 1.05)
+    else:
+        ax.text(0.5, 0.5, "no measured requests", ha="center", transform=ax.transAxes)
+    ax.legend(loc="lower right", fontsize=8)
+    if name:
+        fig.suptitle(name)
+    return fig
+
+
+def band_rows(latency: np.ndarray, lo_pct: float, hi_pct: float) -> np.ndarray:
+    """Indices of the requests ranked between the lo and hi percentiles of latency
+    (unfinished requests rank last), widened to at least MIN_BAND requests around the
+    band's centre when the run is short."""
+    n = len(latency)
+    if n == 0:
+        return np.arange(0)
+    order = np.argsort(latency, kind="stable")
+    lo = int(np.floor(lo_pct / 100 * (n - 1)))
+    hi = int(np.ceil(hi_pct / 100 * (n - 1)))
+    k = min(max(hi - lo + 1, MIN_BAND), n)
+    start = min(max((lo + hi) // 2 - k // 2, 0), n - k)
+    return order[start:start + k]
+
+
+def p99_breakdown(req: pd.DataFrame, stages: list[str], slo_ms: float | None) -> Figure:
+    """Mean queue wait, service and network hop per stage, stacked in cascade order, for the
+    requests near the P99 of end-to-end latency (and, for contrast, near the median)."""
+    fig, ax = new_figure()
+    m = measured_latency(req)
+    lat = m["latency_ms"].to_numpy()
+    parts = [(s, kind) for s in stages for kind in ("wait", "service", "hop")]
+    labels, totals = [], []
+    shown: dict[tuple[str, str], bool] = {}
+    bars = []
+    for band, lo, hi in BANDS:
+        rows = band_rows(lat, lo, hi)
+        unfinished = int((~np.isfinite(lat[rows])).sum())
+        sel = m.iloc[rows[np.isfinite(lat[rows])]]
+        means = [float(sel[f"{s}_{kind}_ms"].mean()) if len(sel) else 0.0 for s, kind in parts]
+        bars.append(means)
+        totals.append(float(sel["latency_ms"].mean()) if len(sel) else 0.0)
+        labels.append(f"{band} band\nP{lo:g}–P{hi:g}\n(n={len(sel):,})"
+                      + (f"\n+{unfinished:,} unfinished" if unfinished else ""))
+    widest = max(max(totals, default=0.0), slo_ms or 0.0) or 1.0
+    for y, means in enumerate(bars):
+        left = 0.0
+        for (stage, kind), w in zip(parts, means):
+            if not w > 0:
+                continue
+            i = stages.index(stage)
+            style = {"wait": dict(color=colour(i), alpha=0.45, hatch="///", edgecolor=colour(i)),
+                     "service": dict(color=colour(i)),
+                     "hop": dict(color="0.55")}[kind]
+            ax.barh(y, w, left=left, height=0.55, linewidth=0.6, **style)
+            shown[(stage, kind)] = True
+            if w > 0.06 * widest:
+                ax.text(left + w / 2, y, f"{w:.1f}", ha="center", va="center", fontsize=8,
+                        color="black" if kind == "wait" else "white")
+            left += w
+        ax.text(left + 0.01 * widest, y, f"{totals[y]:.1f} ms" if left > 0 else
+                "requests in this band never finished", va="center", fontsize=9)
+    slo_line(ax, slo_ms, axis="x")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.set_xlim(0, widest * 1.15)
+    ax.set_xlabel("mean time per request (ms)")
+    ax.set_title("Where the P99 request's time goes (measured requests, pooled replications)")
+    ax.grid(True, axis="x", alpha=0.3)
+    handles = []
+    for i, s in enumerate(stages):
+        if shown.get((s, "wait")):
+            handles.append(Patch(facecolor=colour(i), alpha=0.45, hatch="///", edgecolor=colour(i),
+                                 label=f"{s}: queue wait"))
+        if shown.get((s, "service")):
+            handles.append(Patch(color=colour(i), label=f"{s}: service"))
+    if any(k == "hop" for _, k in shown):
+        handles.append(Patch(color="0.55", label="network hops"))
+    handles += [h for h in ax.get_legend_handles_labels()[0] if h.get_label().startswith("SLO")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8)
+    return fig

@@ -1,0 +1,152 @@
+"""Capacity search: the largest load (or history length), or the fewest instances, at
+which a P99 stays under its SLO.
+
+A point *passes* only if the upper confidence bound of its P99 is under the SLO, *fails*
+only if the lower bound is over it, and is *undecided* otherwise. The search expands from
+a start value until it has a passing and a failing point, then bisects the gaps between
+the largest pass, any undecided points, and the smallest fail (geometric midpoints for
+continuous parameters, integers for counts). The reported bracket [largest pass, smallest
+fail] holds the true boundary at the stated confidence; the largest pass is the
+conservative capacity. Every point uses the scenario's seed (common random numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import InputError
+from .executors import run_points
+from .folders import atomic_folder
+from .loader import with_overrides
+from .results import flat_metrics
+from .scenario import Scenario
+from .sweep import points_table
+
+
+@dataclass
+class Capacity:
+    parameter: str
+    metric: str
+    slo_ms: float
+    worse_when_higher: bool
+    passing: float | None = None     # best passing value found
+    failing: float | None = None     # nearest failing value on the other side
+    undecided: list[float] = field(default_factory=list)
+    plateau: bool = False            # failing values stopped improving: the SLO looks unreachable
+    points: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"parameter": self.parameter, "metric": self.metric, "slo_ms": self.slo_ms,
+                "worse_when_higher": self.worse_when_higher,
+                "bracket": [self.passing, self.failing], "undecided": sorted(self.undecided),
+                "evaluations": len(self.points), "plateau": self.plateau,
+                "points": self.points}
+
+
+def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: float,
+           worse_when_higher: bool = True, integer: bool = False, rel_tol: float = 0.02,
+           max_evals: int = 20, cache_dir: Path | None = None,
+           progress: Callable[[int, int], None] | None = None) -> tuple[Capacity, list[dict]]:
+    if base.run.replications < 2:
+        raise InputError("capacity search needs run.replications >= 2 (it uses the P99's "
+                         "upper confidence bound)", "run.replications")
+    cap = Capacity(parameter, metric, slo_ms, worse_when_higher)
+    summaries: list[dict] = []
+
+    verdicts: dict[float, str] = {}
+
+    def evaluate(v: float) -> str:
+        value = int(v) if integer else float(v)
+        if value in verdicts:
+            return verdicts[value]
+        scenario = with_overrides(base, {parameter: value})
+        summary = run_points([scenario.model_dump(mode="json")], "serial", cache_dir=cache_dir)[0]
+        row = flat_metrics(summary)
+        if metric not in row:
+            raise InputError(f"unknown metric {metric!r} (e.g. e2e.p99_ms, stages.<name>.p99_ms)",
+                             "--metric")
+        lo, hi = row[metric + "_lo"], row[metric + "_hi"]
+        if hi is not None and hi <= slo_ms:
+            verdict = "pass"
+        elif row[metric] is None or lo is not None and lo > slo_ms:
+            verdict = "fail"     # (a P99 that is unbounded fails)
+        else:
+            verdict = "undecided"
+        verdicts[value] = verdict
+        cap.points.append({"value": value, "p99": row[metric], "p99_lo": lo, "p99_hi": hi,
+                           "verdict": verdict, "passed": verdict == "pass"})
+        summaries.append(summary)
+        if verdict == "pass":
+            cap.passing = value if cap.passing is None else (
+                max(cap.passing, value) if worse_when_higher else min(cap.passing, value))
+        elif verdict == "fail":
+            cap.failing = value if cap.failing is None else (
+                min(cap.failing, value) if worse_when_higher else max(cap.failing, value))
+        else:
+            cap.undecided.append(value)
+        if progress:
+            progress(len(cap.points), max_evals)
+        return verdict
+
+    def toward_worse(v: float) -> float:
+        if worse_when_higher:
+            return v * 2
+        return max(1, v // 2) if integer else v / 2
+
+    def toward_better(v: float) -> float:
+        if worse_when_higher:
+            return max(1, v // 2) if integer else v / 2
+        return v * 2
+
+    # Expand from the start value, never re-evaluating a value, never past 1024x it.
+    limits = (start / 1024, start * 1024)
+    v = start
+    while len(cap.points) < max_evals:
+        verdict = evaluate(v)
+        if cap.passing is not None and cap.failing is not None:
+            break
+        step = toward_better if verdict == "fail" or (verdict == "undecided" and cap.passing is None) \
+            else toward_worse
+        if step is toward_better and len(cap.points) >= 2 and _stalled(cap.points[-2], cap.points[-1]):
+            cap.plateau = True     # a better value did not lower the P99 beyond its CI
+            break
+        nxt = step(v)
+        while nxt in verdicts and step(nxt) != nxt:
+            nxt = step(nxt)
+        if nxt == v or nxt in verdicts or not limits[0] <= nxt <= limits[1]:
+            break                  # nothing left to try in that direction
+        v = nxt
+    while cap.passing is not None and cap.failing is not None and len(cap.points) < max_evals:
+        # Narrow the gaps on either side of the undecided zone: between the largest pass and
+        # the nearest undecided point, and between the farthest undecided point and the fail.
+        inside = [u for u in cap.undecided if min(cap.passing, cap.failing) < u < max(cap.passing, cap.failing)]
+        edge = sorted([cap.passing, cap.failing, *([min(inside), max(inside)] if inside else [])])
+        pairs = [(edge[0], edge[1]), (edge[-2], edge[-1])] if inside else [(edge[0], edge[1])]
+        gaps = [(a, b) for a, b in pairs if not _narrow(a, b, rel_tol, integer)]
+        if not gaps:
+            break
+        a, b = max(gaps, key=lambda g: abs(math.log(g[1] / g[0])) if g[0] > 0 else g[1] - g[0])
+        evaluate((a + b) // 2 if integer else math.sqrt(a * b) if a > 0 else (a + b) / 2)
+    return cap, summaries
+
+
+def _stalled(prev: dict, last: dict) -> bool:
+    return (prev["verdict"] == last["verdict"] == "fail" and prev["p99_lo"] is not None
+            and last["p99"] is not None and last["p99"] >= prev["p99_lo"])
+
+
+def _narrow(a: float, b: float, rel_tol: float, integer: bool) -> bool:
+    if integer:
+        return abs(a - b) <= 1
+    return abs(a - b) <= rel_tol * max(abs(a), abs(b))
+
+
+def write_capacity(cap: Capacity, summaries: list[dict], out: Path, report: bool = False) -> None:
+    params = [{"variant": "capacity", cap.parameter: p["value"]} for p in cap.points]
+    with atomic_folder(out, report) as tmp:
+        (tmp / "capacity.json").write_text(json.dumps(cap.as_dict(), indent=2) + "\n")
+        points_table(params, summaries).to_parquet(tmp / "points.parquet", index=False)

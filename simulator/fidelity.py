@@ -1,0 +1,633 @@
+"""Fidelity: simrec's error against a real serving testbed (DESIGN.md, "Fidelity").
+
+A testbed run (``calibration/testbed.py``) leaves a folder with the job log
+(``jobs.parquet``), the requests (``trace.parquet``) and a scenario that describes the same
+system (``scenario.yaml``, costed from the table calibrated right before the run). Here
+each run's scenario is simulated with several sources of ranking service times, and the
+simulated ranking sojourn (wait + service) is compared with the measured ranking latency:
+
+- ``replay``: every job takes exactly the worker time it took on the testbed
+  (``service_ms + overhead_ms``), looked up by (job kind, request id). Only the queueing
+  logic (FIFO order, relay cache decisions) is left to the simulator, so the simulated
+  latencies should equal the measured ones; a relay job whose simulated outcome differs
+  from the testbed's is counted.
+- ``replay_kernel``: the same with ``service_ms`` alone (issue to device completion), i.e.
+  without the host's per-job overhead: how much that overhead matters.
+- ``table``: the scenario as written: draws from the calibrated table (isolated).
+- ``table_idle``: the table's ``idle_gap`` curves for jobs that start after the device
+  idled (>= ``IDLE_MS``), its ``isolated`` curves otherwise. No serving data used.
+- ``corrected``: table median x a ratio drawn from one run's measured / median ratios,
+  per phase and per bucket of the idle time before the job (``Correction``). It is fitted
+  on ONE run and judged on the others; the fitted run's row is flagged in-sample.
+- ``corrected_iid``: the same with one ratio pool per phase (no idle-time buckets): the
+  plain "i.i.d. multiplicative noise" correction, for comparison.
+
+Measured percentiles carry a 95% interval from a circular block bootstrap over
+consecutive requests (latencies are autocorrelated). Simulated figures average the
+per-replication estimates (replications differ only through service-time draws; the
+trace is fixed).
+
+The replay and correction sources swap the ranking stage's cost model for an object with
+the same methods (``median``, ``phase``, ``sample``, ``prefix_bytes``) in every replication
+that ``cascade.prepare`` builds inside ``_ranking_costs``; nothing in the scenario format
+changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from . import cascade
+from .errors import InputError
+from .loader import load_scenario, with_overrides
+from .scenario import Scenario
+from .simulate import simulate
+
+STAGE = "ranking"
+SOURCES = ("replay", "replay_kernel", "table", "table_idle", "corrected", "corrected_iid")
+MAIN_SOURCES = ("replay", "table", "corrected")
+METRICS = ("p50", "p90", "p99", "mean")
+IDLE_EDGES_MS = (0.0, 0.5, 2.0, 10.0)   # idle-time buckets: {0}, (0, .5], (.5, 2], (2, 10], > 10
+IDLE_MS = 0.5                          # table_idle: idle at least this long -> idle_gap curve
+MIN_BUCKET = 50                        # fewer ratios than this in a bucket: pool wider
+
+
+# ----------------------------------------------------------------------------- runs
+
+@dataclass
+class Run:
+    """One testbed run folder."""
+
+    name: str
+    folder: Path
+    meta: dict
+    jobs: pd.DataFrame
+    trace: pd.DataFrame
+    scenario: Scenario
+
+    @property
+    def policy(self) -> str:
+        return self.meta["policy"]["kind"]
+
+    def warm(self) -> np.ndarray:
+        """Per request: past the warm-up cut (the cut the scenario gives the simulator)."""
+        cut = (self.scenario.run.warmup_s or 0.0) * 1000.0
+        return self.trace["arrival_ms"].to_numpy() >= cut
+
+    def ranking(self) -> pd.DataFrame:
+        """Ranking jobs, one row per request, in request order."""
+        r = self.jobs[self.jobs["kind"] == "rank"].sort_values("request_id")
+        if len(r) != len(self.trace) or (r["request_id"].to_numpy() != np.arange(len(self.trace))).any():
+            raise InputError("jobs.parquet does not hold exactly one ranking job per request",
+                             str(self.folder / "jobs.parquet"))
+        return r.reset_index(drop=True)
+
+    def ran(self) -> pd.DataFrame:
+        """Jobs the worker executed, in execution order, with `idle_ms`: how long the device
+        had been idle when the job arrived to it (0: it queued behind the previous job)."""
+        j = self.jobs[self.jobs["start_ms"].notna()].sort_values("start_ms").reset_index(drop=True)
+        prev_end = j["end_ms"].shift(1).to_numpy()
+        idle = np.maximum(j["arrival_ms"].to_numpy() - prev_end, 0.0)
+        idle[0] = np.inf
+        return j.assign(idle_ms=idle, busy_ms=j["service_ms"] + j["overhead_ms"])
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run folders: the given folders, or their sub-folders that hold a jobs.parquet."""
+    out = []
+    for p in map(Path, paths):
+        if (p / "jobs.parquet").exists():
+            out.append(p)
+        elif p.is_dir():
+            out += sorted(d for d in p.iterdir() if (d / "jobs.parquet").exists())
+        else:
+            raise InputError("not a testbed run folder (no jobs.parquet)", str(p))
+    if not out:
+        raise InputError("no testbed run folders found (folders holding jobs.parquet)",
+                         ", ".join(map(str, paths)) or None)
+    return out
+
+
+def load_run(folder: Path, table: str | None = None) -> Run:
+    folder = Path(folder)
+    for f in ("jobs.parquet", "trace.parquet", "scenario.yaml", "meta.json"):
+        if not (folder / f).exists():
+            raise InputError(f"testbed run is missing {f}", str(folder))
+    scen = load_scenario(folder / "scenario.yaml")
+    if table is not None:
+        scen = with_overrides(scen, {f"stages.{STAGE}.service.table": str(Path(table).resolve())})
+    jobs = pd.read_parquet(folder / "jobs.parquet")
+    for c in ("kind", "outcome", "phase"):
+        jobs[c] = jobs[c].astype(str)
+    return Run(folder.name, folder, json.loads((folder / "meta.json").read_text()), jobs,
+               pd.read_parquet(folder / "trace.parquet"), scen)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def describe(x: np.ndarray) -> dict[str, float]:
+    p = np.percentile(x, [50, 90, 99])
+    return {"p50": float(p[0]), "p90": float(p[1]), "p99": float(p[2]), "mean": float(np.mean(x))}
+
+
+def block_length(x: np.ndarray) -> int:
+    """Bootstrap block: at least sqrt(n), and 5x the lag where the autocorrelation of x
+    first drops under 0.05 (so a block spans the busy periods that make the tail), at
+    most n / 10."""
+    n = len(x)
+    y = x - x.mean()
+    f = np.fft.rfft(y, 2 * n)
+    acf = np.fft.irfft(f * np.conj(f))[:n]
+    acf = acf / acf[0] if acf[0] > 0 else np.zeros(n)
+    below = np.flatnonzero(acf < 0.05)
+    lag = int(below[0]) if len(below) else n
+    return int(min(max(math.ceil(math.sqrt(n)), 5 * lag), max(n // 10, 1)))
+
+
+def block_bootstrap(x: np.ndarray, block: int, n_boot: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of describe()'s figures under a circular block bootstrap."""
+    n = len(x)
+    rng = np.random.default_rng(seed)
+    k = math.ceil(n / block)
+    offs = np.arange(block)
+    est = {m: np.empty(n_boot) for m in METRICS}
+    for b in range(n_boot):
+        idx = ((rng.integers(0, n, k)[:, None] + offs[None, :]) % n).ravel()[:n]
+        d = describe(x[idx])
+        for m in METRICS:
+            est[m][b] = d[m]
+    a = (1 - level) / 2
+    return {m: (float(np.quantile(v, a)), float(np.quantile(v, 1 - a))) for m, v in est.items()}
+
+
+# ----------------------------------------------------------------------------- cost swaps
+
+class _Costs:
+    """Stands in for the ranking stage's GRPhases; subclasses decide `phase`."""
+
+    def __init__(self, base):
+        self.base = base
+        self.curves = base.curves
+        self.kv_bytes_per_token = base.kv_bytes_per_token
+        self.current: tuple[str, int] | None = None    # (job kind, request id), relay stages
+
+    def median(self, name: str, L: int, M: int = 0) -> float:
+        return self.base.median(name, L, M)
+
+    def prefix_bytes(self, L: int) -> int:
+        return self.base.prefix_bytes(L)
+
+    def check(self, L, M) -> int:
+        return self.base.check(L, M)
+
+    def sample(self, L: int, M: int) -> float:
+        return self.phase("full_forward", L, M)
+
+    def phase(self, name: str, L: int, M: int = 0) -> float:
+        raise NotImplementedError
+
+
+class Replay(_Costs):
+    """Measured job times by (kind, request id); without a relay, ranking jobs in request
+    order (a one-node FIFO stage serves them in that order)."""
+
+    def __init__(self, base, run: Run, column: str):
+        super().__init__(base)
+        j = run.jobs[run.jobs["start_ms"].notna()]
+        ms = j["service_ms"] + (j["overhead_ms"] if column == "busy" else 0.0)
+        self.times = {(k, int(r)): (p, float(t)) for k, r, p, t in
+                      zip(j["kind"], j["request_id"], j["phase"], ms)}
+        self.next_rank = 0
+        self.phase_mismatch = 0   # the simulator ran another phase than the testbed did
+        self.unmatched = 0        # the simulator ran a job the testbed did not run
+
+    def phase(self, name: str, L: int, M: int = 0) -> float:
+        key = self.current
+        if key is None:
+            key = ("rank", self.next_rank)
+            self.next_rank += 1
+        got = self.times.get(key)
+        if got is None:
+            self.unmatched += 1
+            return self.base.phase(name, L, M)
+        if got[0] != name:
+            self.phase_mismatch += 1
+        return got[1]
+
+
+@dataclass
+class Correction:
+    """In-serving correction of a table: time = table median x ratio, the ratio drawn from
+    the measured / median ratios of one run, per phase and bucket of idle time before the
+    job (edges in ms; the first bucket is exactly 0: the job queued behind another)."""
+
+    fit_run: str
+    edges_ms: tuple[float, ...]
+    pools: dict[tuple[str, int], np.ndarray]
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def bucket(self, idle_ms: float) -> int:
+        if idle_ms <= self.edges_ms[0]:
+            return 0
+        return int(np.searchsorted(self.edges_ms, idle_ms, side="left"))
+
+    def draw(self, phase: str, idle_ms: float, u: float) -> float:
+        pool = self.pools.get((phase, self.bucket(idle_ms)))
+        if pool is None:
+            pool = self.pools[(phase, -1)] if (phase, -1) in self.pools else self.pools[("*", -1)]
+        return float(np.quantile(pool, u)) if len(pool) > 1 else float(pool[0])
+
+    def summary(self) -> dict:
+        out = {"fit_run": self.fit_run, "idle_edges_ms": list(self.edges_ms), "pools": {}}
+        for (p, b), v in sorted(self.pools.items()):
+            q = np.quantile(v, [0.01, 0.5, 0.9, 0.99])
+            out["pools"][f"{p}/{b}"] = {"n": int(len(v)), "mean": round(float(v.mean()), 4),
+                                        "cv": round(float(v.std() / v.mean()), 4),
+                                        "q01_q50_q90_q99": [round(float(x), 4) for x in q]}
+        return out
+
+
+def fit_correction(run: Run, edges_ms=IDLE_EDGES_MS, by_idle: bool = True) -> Correction:
+    """Ratios measured busy time / isolated table median of the run's own table, after the
+    warm-up; per (phase, idle bucket) where a bucket has MIN_BUCKET ratios, else pooled over
+    phases in that bucket, else per phase, else all (bucket -1 holds the wider pools)."""
+    from simrec.calibration.table import load_table
+    table = load_table(run.scenario.stages[STAGE].service.table)
+    j = run.ran()
+    cut = (run.scenario.run.warmup_s or 0.0) * 1000.0
+    signal = run.trace["arrival_ms"].to_numpy()[j["request_id"].to_numpy()]
+    j = j[(signal >= cut) & (j["phase"] != "")]
+    med = np.array([table.curve(p).median_ms(L, 0 if p == "prefix_encode" else M)
+                    for p, L, M in zip(j["phase"], j["history_len"], j["candidates"])])
+    ratio = j["busy_ms"].to_numpy() / med
+    edges = tuple(edges_ms) if by_idle else (math.inf,)
+    corr = Correction(run.name, edges, {})
+    buckets = np.array([corr.bucket(x) for x in j["idle_ms"]]) if by_idle else np.zeros(len(j), int)
+    phases = j["phase"].to_numpy()
+    pools: dict = {("*", -1): np.sort(ratio)}
+    for p in np.unique(phases):
+        pools[(p, -1)] = np.sort(ratio[phases == p])
+    for b in np.unique(buckets):
+        inb = buckets == b
+        for p in np.unique(phases):
+            sel = inb & (phases == p)
+            if sel.sum() >= MIN_BUCKET:
+                pools[(p, int(b))] = np.sort(ratio[sel])
+            elif inb.sum() >= MIN_BUCKET:
+                pools[(p, int(b))] = np.sort(ratio[inb])
+    corr.pools = pools
+    corr.counts = {p: {str(int(b)): int(((phases == p) & (buckets == b)).sum()) for b in np.unique(buckets)}
+                   for p in np.unique(phases)}
+    return corr
+
+
+class _Drawn(_Costs):
+    """Costs that depend on how long the node idled before the job starts."""
+
+    def __init__(self, base, env, node, rng: np.random.Generator):
+        super().__init__(base)
+        self.env, self.node, self.rng = env, node, rng
+
+    def idle_ms(self) -> float:
+        ends = self.node.busy_ends
+        return self.env.now - ends[-1] if ends else math.inf
+
+
+class Corrected(_Drawn):
+    def __init__(self, base, env, node, rng, correction: Correction):
+        super().__init__(base, env, node, rng)
+        self.correction = correction
+
+    def phase(self, name: str, L: int, M: int = 0) -> float:
+        return self.base.median(name, L, M) * self.correction.draw(name, self.idle_ms(), self.rng.uniform())
+
+
+class TableIdle(_Drawn):
+    def __init__(self, base, env, node, rng, table):
+        super().__init__(base, env, node, rng)
+        self.idle_curves = {p: table.curves[(p, "idle_gap")] for p in base.curves
+                            if (p, "idle_gap") in table.curves}
+
+    def phase(self, name: str, L: int, M: int = 0) -> float:
+        curve = self.idle_curves.get(name) if self.idle_ms() >= IDLE_MS else None
+        curve = curve or self.base.curves[name]
+        return curve.sample_ms(L, M, self.rng.uniform())
+
+
+@contextlib.contextmanager
+def _ranking_costs(make: Callable):
+    """Inside the block, every replication that cascade.prepare builds gets its ranking
+    stage's cost model (and its relay's) from make(prepared, stage, replication index)."""
+    original = cascade.prepare
+
+    def prepare(scenario, index):
+        prep = original(scenario, index)
+        stage = next(s for s in prep.stages if s.name == STAGE)
+        costs = make(prep, stage, index)
+        stage.service = costs
+        relay = prep.relay
+        if relay is not None:
+            relay.phases = costs
+            rank_cost, pre_cost = relay.rank_cost, relay.pre_cost
+
+            def rank(job, node, now):
+                costs.current = ("rank", job.rid)
+                try:
+                    return rank_cost(job, node, now)
+                finally:
+                    costs.current = None
+
+            def pre(job, node, now):
+                costs.current = ("pre", job.rid)
+                try:
+                    return pre_cost(job, node, now)
+                finally:
+                    costs.current = None
+            relay.rank_cost, relay.pre_cost = rank, pre
+        return prep
+
+    cascade.prepare = prepare
+    try:
+        yield
+    finally:
+        cascade.prepare = original
+
+
+# ----------------------------------------------------------------------------- simulation
+
+@dataclass
+class SimOutcome:
+    source: str
+    latency: list[np.ndarray]        # per replication: ranking sojourn per request (ms)
+    prefix: list[np.ndarray] | None  # per replication: ranking cache outcome labels (relay)
+    reused: list[np.ndarray] | None  # per replication: signal found the prefix cached (relay)
+    checks: dict = field(default_factory=dict)
+
+
+def simulate_source(run: Run, source: str, replications: int = 5,
+                    correction: Correction | None = None, seed: int = 1) -> SimOutcome:
+    """Simulate a run's scenario with one source of ranking service times."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r} (known: {', '.join(SOURCES)})")
+    reps = 1 if source.startswith("replay") else replications
+    scen = with_overrides(run.scenario, {"run.replications": reps, "run.seed": seed})
+    made: list = []
+
+    def make(prep, stage, index):
+        rng = np.random.default_rng([seed, index, 77])
+        node = stage.nodes[0]
+        if source.startswith("replay"):
+            c = Replay(stage.service, run, "busy" if source == "replay" else "service")
+        elif source.startswith("corrected"):
+            c = Corrected(stage.service, prep.env, node, rng, correction)
+        else:
+            from simrec.calibration.table import load_table
+            c = TableIdle(stage.service, prep.env, node, rng, load_table(scen.stages[STAGE].service.table))
+        made.append(c)
+        return c
+
+    if source == "table":
+        res = simulate(scen)
+    else:
+        if source.startswith("corrected") and correction is None:
+            raise ValueError(f"source {source!r} needs a fitted correction")
+        with _ranking_costs(make):
+            res = simulate(scen)
+    req = res.requests.to_pandas().sort_values(["replication", "request_id"])
+    lat, pre, reuse = [], [], []
+    for _, g in req.groupby("replication"):
+        lat.append((g[f"{STAGE}_wait_ms"] + g[f"{STAGE}_service_ms"]).to_numpy())
+        if f"{STAGE}_prefix" in g:
+            pre.append(g[f"{STAGE}_prefix"].astype(str).to_numpy())
+            reuse.append(g["pre_infer"].astype(str).to_numpy() == "already_cached")
+    checks = {}
+    if source.startswith("replay"):
+        c = made[0]
+        checks = {"phase_mismatch": c.phase_mismatch, "unmatched_jobs": c.unmatched}
+    return SimOutcome(source, lat, pre or None, reuse or None, checks)
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def measured_figures(run: Run, n_boot: int = 1000) -> dict:
+    rank = run.ranking()
+    warm = run.warm()
+    lat = rank["latency_ms"].to_numpy()[warm]
+    block = block_length(lat)
+    fig = {"figures": describe(lat), "ci": block_bootstrap(lat, block, n_boot), "block": block,
+           "n": int(len(lat))}
+    if run.policy == "relay":
+        fig["figures"]["hit_rate"] = float((rank["outcome"].to_numpy()[warm] == "hit").mean())
+        fig["figures"]["reuse_rate"] = float(reused(run)[warm].mean())
+    ran = run.ran()
+    span = ran["end_ms"].max() - ran["arrival_ms"].min()
+    fig["utilisation"] = float(ran["busy_ms"].sum() / span)
+    fig["overhead_ms"] = {"mean": float(ran["overhead_ms"].mean()),
+                          "p99": float(ran["overhead_ms"].quantile(0.99)),
+                          "share_of_busy": float(ran["overhead_ms"].sum() / ran["busy_ms"].sum())}
+    return fig
+
+
+def reused(run: Run) -> np.ndarray:
+    """Per request: its pre-infer signal found the user's prefix already cached."""
+    out = np.zeros(len(run.trace), bool)
+    skipped = run.jobs[(run.jobs["kind"] == "pre") & (run.jobs["outcome"] == "skipped")]
+    out[skipped["request_id"].to_numpy()] = True
+    return out
+
+
+def compare(runs: list[Run], replications: int = 5, fit_run: str | None = None,
+            sources: tuple[str, ...] = SOURCES, n_boot: int = 1000,
+            progress: Callable[[str], None] | None = None) -> "FidelityReport":
+    """Simulate every run with every source and tabulate errors against the measurements."""
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise InputError(f"run names must be unique (got {names})")
+    corrections = {}
+    if any(s.startswith("corrected") for s in sources):
+        fit = pick_fit_run(runs, fit_run)
+        corrections = {"corrected": fit_correction(fit), "corrected_iid": fit_correction(fit, by_idle=False)}
+    rows, curves, detail = [], {}, {}
+    for run in runs:
+        meas = measured_figures(run, n_boot)
+        warm = run.warm()
+        measured_lat = run.ranking()["latency_ms"].to_numpy()
+        detail[run.name] = {"block": meas["block"], "n": meas["n"], "utilisation": meas["utilisation"],
+                            "overhead_ms": meas["overhead_ms"], "ci": meas["ci"], "sources": {}}
+        curves[run.name] = {"measured": measured_lat[warm]}
+        for source in sources:
+            if progress:
+                progress(f"{run.name}: {source}")
+            out = simulate_source(run, source, replications, corrections.get(source))
+            per = [describe(x[warm]) for x in out.latency]
+            if out.prefix is not None:
+                for d, p, u in zip(per, out.prefix, out.reused):
+                    d["hit_rate"] = float((p[warm] == "hit").mean())
+                    d["reuse_rate"] = float(u[warm].mean())
+            curves[run.name][source] = out.latency[0][warm]
+            info = dict(out.checks)
+            if source.startswith("replay"):
+                diff = out.latency[0] - measured_lat
+                info.update({"max_abs_diff_ms": float(np.max(np.abs(diff))),
+                             "mean_diff_ms": float(np.mean(diff)),
+                             "within_1us": float(np.mean(np.abs(diff) <= 1e-3))})
+                if out.prefix is not None:
+                    info["outcome_mismatch"] = int((out.prefix[0] != run.ranking()["outcome"].to_numpy()).sum())
+                    info["reuse_mismatch"] = int((out.reused[0] != reused(run)).sum())
+            detail[run.name]["sources"][source] = info
+            in_sample = source.startswith("corrected") and corrections[source].fit_run == run.name
+            for metric, value in meas["figures"].items():
+                sims = np.array([d[metric] for d in per])
+                lo, hi = meas["ci"].get(metric, (math.nan, math.nan))
+                rows.append({"run": run.name, "policy": run.policy,
+                             "target_load": run.meta.get("target_load"),
+                             "utilisation": round(meas["utilisation"], 4), "requests": meas["n"],
+                             "source": source, "in_sample": in_sample, "metric": metric,
+                             "measured": value, "measured_lo": lo, "measured_hi": hi,
+                             "simulated": float(sims.mean()),
+                             "sim_sd": float(sims.std(ddof=1)) if len(sims) > 1 else 0.0,
+                             "error": float(sims.mean() / value - 1) if value else math.nan,
+                             "inside_ci": bool(lo <= sims.mean() <= hi) if metric in METRICS else None})
+    return FidelityReport(pd.DataFrame(rows), curves, detail,
+                          {k: c.summary() for k, c in corrections.items()}, replications)
+
+
+def pick_fit_run(runs: list[Run], name: str | None) -> Run:
+    """The named run; by default the relay run (largest cache) closest to 60% load, else
+    the run closest to 60% load. Relay runs hold all three phases."""
+    if name is not None:
+        for r in runs:
+            if r.name == name:
+                return r
+        raise InputError(f"--fit-run: no run named {name!r} (runs: {', '.join(r.name for r in runs)})")
+    relay = [r for r in runs if r.policy == "relay"]
+    pool = relay or runs
+    top = max(r.meta["policy"].get("cache_bytes", 0) for r in pool)
+    pool = [r for r in pool if r.meta["policy"].get("cache_bytes", 0) == top]
+    return min(pool, key=lambda r: abs((r.meta.get("target_load") or 0.6) - 0.6))
+
+
+# ----------------------------------------------------------------------------- report
+
+@dataclass
+class FidelityReport:
+    rows: pd.DataFrame
+    curves: dict[str, dict[str, np.ndarray]]
+    detail: dict
+    corrections: dict
+    replications: int
+
+    def markdown(self, sources: tuple[str, ...] = MAIN_SOURCES) -> str:
+        """Per run: measured P50 / P99 (95% CI) and each source's P50 / P99 / mean error."""
+        r = self.rows
+        lines = ["| run | util. | n | P50 ms | P99 ms [95% CI] | "
+                 + " | ".join(f"{s} P50 / P99 / mean err" for s in sources)
+                 + " | hit / reuse rate, measured | table |",
+                 "|" + "---|" * (5 + len(sources) + 2)]
+        for run, g in r.groupby("run", sort=False):
+            def val(source, metric, col):
+                x = g[(g["source"] == source) & (g["metric"] == metric)]
+                return x[col].iloc[0] if len(x) else math.nan
+            any_src = g["source"].iloc[0]
+            p50 = val(any_src, "p50", "measured")
+            p99, lo, hi = (val(any_src, "p99", c) for c in ("measured", "measured_lo", "measured_hi"))
+            cells = [run, f"{g['utilisation'].iloc[0]:.2f}", str(g["requests"].iloc[0]), f"{p50:.3f}",
+                     f"{p99:.2f} [{lo:.2f}, {hi:.2f}] (±{(hi - lo) / 2 / p99:.1%})"]
+            for s in sources:
+                errs = [val(s, m, "error") for m in ("p50", "p99", "mean")]
+                flag = "*" if g[(g["source"] == s)]["in_sample"].any() else ""
+                inside = val(s, "p99", "inside_ci")
+                mark = "" if isinstance(inside, float) else ("✓" if inside else "")
+                cells.append(" / ".join(_pct(e) for e in errs) + f"{mark}{flag}")
+            hm, rm = val(any_src, "hit_rate", "measured"), val(any_src, "reuse_rate", "measured")
+            hs, rs = val("table", "hit_rate", "simulated"), val("table", "reuse_rate", "simulated")
+            cells.append("-" if math.isnan(hm) else f"{hm:.3f} / {rm:.3f}")
+            cells.append("-" if math.isnan(hs) else f"{hs:.3f} / {rs:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("Errors are simulated / measured - 1. ✓: simulated P99 inside the measured 95% "
+                     "interval (circular block bootstrap over consecutive requests). *: the correction "
+                     "was fitted on this run (in sample).")
+        return "\n".join(lines)
+
+    def write(self, out: Path) -> list[Path]:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = [out / "fidelity.csv", out / "fidelity.md", out / "fidelity.json", out / "fidelity.png"]
+        self.rows.to_csv(paths[0], index=False, float_format="%.6g")
+        paths[1].write_text("# simrec fidelity against the testbed\n\n" + self.markdown() + "\n\n"
+                            "## All sources\n\n" + self.markdown(tuple(self.rows["source"].unique())) + "\n")
+        paths[2].write_text(json.dumps({"replications": self.replications, "runs": self.detail,
+                                        "corrections": self.corrections}, indent=2, default=_json) + "\n")
+        self.plot(paths[3])
+        return paths
+
+    def plot(self, path: Path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        runs = list(self.curves)
+        cols = min(4, len(runs))
+        rows = math.ceil(len(runs) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+        style = {"measured": ("k", "-", 2.2), "replay": ("tab:green", "--", 1.2),
+                 "replay_kernel": ("tab:olive", ":", 1.0), "table": ("tab:red", "-", 1.2),
+                 "table_idle": ("tab:orange", "-.", 1.0), "corrected": ("tab:blue", "-", 1.2),
+                 "corrected_iid": ("tab:purple", ":", 1.0)}
+        for ax, run in zip(axes.ravel(), runs):
+            for name, x in self.curves[run].items():
+                xs = np.sort(x)
+                ccdf = 1.0 - np.arange(len(xs)) / len(xs)
+                c, ls, lw = style.get(name, ("gray", "-", 1.0))
+                ax.step(xs, ccdf, where="post", color=c, ls=ls, lw=lw, label=name)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_ylim(1e-4, 1.05)
+            ax.axhline(0.01, color="gray", lw=0.5)
+            ax.axhline(0.5, color="gray", lw=0.5)
+            util = self.detail[run]["utilisation"]
+            ax.set_title(f"{run} (util. {util:.2f})", fontsize=9)
+            ax.set_xlabel("ranking latency (ms)")
+            ax.set_ylabel("P(latency > x)")
+        for ax in axes.ravel()[len(runs):]:
+            ax.axis("off")
+        axes.ravel()[0].legend(fontsize=7)
+        fig.suptitle("measured vs simulated ranking latency (1 - CDF; lines at P50 and P99)", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _pct(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * 100:+.1f}%"
+
+
+def _json(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def run_fidelity(paths: list[Path], out: Path | None = None, table: str | None = None,
+                 replications: int = 5, fit_run: str | None = None,
+                 sources: tuple[str, ...] = SOURCES, n_boot: int = 1000,
+                 progress: Callable[[str], None] | None = None) -> FidelityReport:
+    """Load the runs, compare, and (with `out`) write fidelity.{csv,md,json,png}."""
+    runs = [load_run(p, table) for p in find_runs(paths)]
+    report = compare(runs, replications, fit_run, sources, n_boot, progress)
+    if out is not None:
+        report.write(out)
+    return report

@@ -1,0 +1,198 @@
+"""The serving testbed on CPU, simulated back: the trace format and the queueing logic.
+
+A tiny GR model serves a few hundred requests per run (full policy; relay with a cache that
+never fills; relay with a cache of three prefixes, which evicts and rejects). Replaying the
+measured per-job worker time (service + host overhead) through the simulator must give
+every request's measured latency back, to float rounding: the FIFO order, the relay's cache
+decisions and the scenario the testbed writes leave nothing else to differ. Replaying the
+kernel time alone (service_ms) must land below the measurement by no more than the host
+overhead accumulated over the job's busy period (see `overhead_bound`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from typer.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+
+from simrec import fidelity as fid                       # noqa: E402
+from simrec.calibration import testbed as tb             # noqa: E402
+from simrec.calibration.gr_models import GRSpec          # noqa: E402
+from simrec.calibration.table import load_table, write_table   # noqa: E402
+from simrec.cascade import prepare                       # noqa: E402
+from simrec import cli_fidelity                          # noqa: E402
+
+SPEC = GRSpec(arch="transformer", layers=1, d_model=32, heads=2, ffn=64, dtype="float32",
+              short_term_tokens=4)
+LENS, M = (16, 32, 64), 8
+THRESHOLD = 32
+REQUESTS = 300
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    """A made-up table for SPEC (the replay does not use its times; the others do)."""
+    rows = []
+    mult = {0.1: 0.9, 0.5: 1.0, 0.9: 1.3, 0.99: 2.0}
+    for L in LENS:
+        for phase, M_, ms in (("full_forward", M, 0.3 + 0.002 * L), ("rank_cached", M, 0.25),
+                              ("prefix_encode", 0, 0.2 + 0.002 * L), ("prefix_reload", 0, 0.01)):
+            for q, k in mult.items():
+                rows.append((phase, "isolated", L, M_, q, ms * k, 100))
+    frame = pd.DataFrame(rows, columns=["phase", "condition", "history_len", "candidates", "quantile",
+                                        "time_ms", "n_samples"])
+    folder = tmp_path_factory.mktemp("tables") / "cpu_test"
+    write_table(frame, folder, {
+        "format_version": 1, "name": "cpu_test", "label": "illustrative", "table_file": "table.parquet",
+        "sha256": "0" * 64, "device": {"name": "cpu", "kind": "cpu"},
+        "date": datetime.date.today().isoformat(), "model": SPEC.to_dict(),
+        "grid": {"history_len": list(LENS), "candidates": [M]}, "method": {"seed": 0}})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(table, tmp_path_factory):
+    """Three real runs on the CPU: full, relay (no eviction), relay (3-prefix cache)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("runs")
+    base = tb.Workload(rate_qps=1.0, requests=1, users=60, zipf_s=1.0, history_lens=LENS,
+                       length_weights=(0.4, 0.3, 0.3), candidates=M, lead_ms=3.0, seed=5)
+    small = 3 * max(LENS) * SPEC.kv_bytes_per_token
+    folders = {}
+    for key, policy, tag in (("full", tb.Policy("full"), ""),
+                             ("relay", tb.Policy("relay", THRESHOLD, 2**30), ""),
+                             ("relay_small", tb.Policy("relay", THRESHOLD, small), "_small")):
+        path, = tb.run_series(table, out, policy, [0.7], [REQUESTS], base, "cpu", pilot_s=0.3,
+                              tags=[tag], log=lambda s: None)
+        folders[key] = path
+    return folders
+
+
+def overhead_bound(run: fid.Run) -> pd.Series:
+    """Per request: how far a replay without host overhead may fall below the measurement.
+
+    Measured, job k ends at e_k = max(a_k, e_{k-1}) + o_k + s_k; replayed without overhead,
+    e'_k = max(a_k, e'_{k-1}) + s_k. So 0 <= e_k - e'_k <= o_k + (e_{k-1} - e'_{k-1} if job k
+    queued behind job k-1, else 0); a cancelled pre-infer job costs the simulator nothing,
+    so its whole time counts as overhead.
+    """
+    j = run.ran()
+    add = j["overhead_ms"] + np.where(j["outcome"] == "cancelled", j["service_ms"], 0.0)
+    queued = j["arrival_ms"].to_numpy() < j["end_ms"].shift(1).fillna(-np.inf).to_numpy()
+    bound, acc = np.empty(len(j)), 0.0
+    for k, (o, q) in enumerate(zip(add.to_numpy(), queued)):
+        acc = o + (acc if q else 0.0)
+        bound[k] = acc
+    rank = j["kind"] == "rank"
+    return pd.Series(bound[rank.to_numpy()], index=j.loc[rank, "request_id"].to_numpy()).sort_index()
+
+
+def test_run_folders_hold_a_valid_scenario_and_one_ranking_job_per_request(runs):
+    for key, folder in runs.items():
+        run = fid.load_run(folder)
+        assert len(run.trace) == REQUESTS
+        rank = run.ranking()                        # raises unless exactly one per request
+        assert (rank["latency_ms"] > 0).all()
+        np.testing.assert_allclose(rank["arrival_ms"], run.trace["arrival_ms"] + 3.0, atol=1e-9)
+        ran = run.ran()
+        assert (ran["service_ms"] > 0).all() and (ran["overhead_ms"] >= -1e-9).all()
+        # one worker: jobs never overlap, and each starts after it arrived
+        assert (ran["start_ms"].to_numpy()[1:] >= ran["end_ms"].to_numpy()[:-1]).all()
+        assert (ran["start_ms"] >= ran["arrival_ms"]).all()
+        scen = run.scenario
+        assert list(scen.stages) == [tb.UPSTREAM, "ranking"]
+        assert scen.stages[tb.UPSTREAM].router == "delay"
+        assert scen.stages[tb.UPSTREAM].service.ms == 3.0
+        assert load_table(scen.stages["ranking"].service.table).manifest.name == "cpu_test"
+        assert (scen.relay is None) == (key == "full")
+        if scen.relay is not None:
+            assert scen.relay.signal_after == "arrival" and scen.relay.signal_ms == 0
+            assert scen.relay.trigger.min_history_len == THRESHOLD
+            assert scen.relay.cache.hbm_bytes == run.meta["policy"]["cache_bytes"]
+        assert len(prepare(scen, 0).requests) == REQUESTS
+
+
+def test_relay_runs_exercise_the_cache(runs):
+    big, small = fid.load_run(runs["relay"]), fid.load_run(runs["relay_small"])
+    for run in (big, small):
+        rank = run.ranking()
+        long = rank["history_len"] >= THRESHOLD
+        assert (rank.loc[~long, "outcome"] == "miss").all()      # short users are never cached
+        assert (rank.loc[long, "outcome"] == "hit").mean() > 0.3
+        assert (run.jobs["outcome"] == "skipped").any()          # revisits reuse a prefix
+    assert big.meta["cache"]["evictions"] == 0 and big.meta["cache"]["rejected"] == 0
+    assert small.meta["cache"]["evictions"] > 0
+
+
+@pytest.mark.parametrize("key", ["full", "relay", "relay_small"])
+def test_replay_of_measured_worker_time_reproduces_every_latency(runs, key):
+    run = fid.load_run(runs[key])
+    out = fid.simulate_source(run, "replay")
+    measured = run.ranking()["latency_ms"].to_numpy()
+    np.testing.assert_allclose(out.latency[0], measured, rtol=0, atol=1e-6)
+    assert out.checks == {"phase_mismatch": 0, "unmatched_jobs": 0}
+    if out.prefix is not None:       # the same cache decisions for every request
+        assert (out.prefix[0] == run.ranking()["outcome"].to_numpy()).all()
+        assert (out.reused[0] == fid.reused(run)).all()
+
+
+@pytest.mark.parametrize("key", ["full", "relay"])
+def test_replay_of_kernel_time_alone_misses_only_the_host_overhead(runs, key):
+    run = fid.load_run(runs[key])
+    out = fid.simulate_source(run, "replay_kernel")
+    gap = run.ranking()["latency_ms"].to_numpy() - out.latency[0]
+    bound = overhead_bound(run).to_numpy()
+    assert (gap >= -1e-6).all()
+    assert (gap <= bound + 1e-6).all(), float(np.max(gap - bound))
+    if out.prefix is not None:       # without evictions the decisions do not depend on timing
+        assert (out.prefix[0] == run.ranking()["outcome"].to_numpy()).all()
+
+
+def test_compare_fits_on_one_run_and_writes_the_report(runs, tmp_path):
+    loaded = [fid.load_run(p) for p in runs.values()]
+    report = fid.compare(loaded, replications=2, n_boot=100)
+    rows = report.rows
+    assert set(rows["source"]) == set(fid.SOURCES)
+    assert set(rows["run"]) == {r.name for r in loaded}
+    fit = report.corrections["corrected"]["fit_run"]
+    assert fit == runs["relay"].name                   # the relay run with the larger cache
+    assert set(rows.loc[rows["in_sample"], "run"]) == {fit}
+    replay = rows[(rows["source"] == "replay") & rows["metric"].isin(fid.METRICS)]
+    assert np.allclose(replay["error"], 0, atol=1e-9)
+    p99 = rows[rows["metric"] == "p99"]
+    assert (p99["measured_lo"] <= p99["measured"]).all() and (p99["measured"] <= p99["measured_hi"]).all()
+    paths = report.write(tmp_path / "fid")
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    assert report.markdown().count("\n| ") == len(loaded)
+
+
+def test_block_bootstrap_interval_has_the_right_width_on_iid_data():
+    x = np.random.default_rng(3).normal(size=4000)
+    block = fid.block_length(x)
+    assert block == math.ceil(math.sqrt(len(x)))       # no autocorrelation: the floor
+    ci = fid.block_bootstrap(x, block, n_boot=400)
+    lo, hi = ci["mean"]
+    assert lo < 0 < hi
+    assert 0.6 < (hi - lo) / (2 * 1.96 / math.sqrt(len(x))) < 1.5
+
+
+def test_cli_commands_report_bad_input_in_one_line(runs, tmp_path):
+    app = typer.Typer()
+    app.command()(cli_fidelity.testbed)
+    app.command()(cli_fidelity.fidelity)
+    cli = CliRunner()
+    res = cli.invoke(app, ["fidelity", str(tmp_path / "nothing")])
+    assert res.exit_code == 1 and "no jobs.parquet" in res.output and "Traceback" not in res.output
+    res = cli.invoke(app, ["testbed", str(tmp_path / "nothing"), "--device", "cpu"])
+    assert res.exit_code == 1 and "manifest.json missing" in res.output
+    res = cli.invoke(app, ["fidelity", str(runs["full"]), "--sources", "replay,table", "--replications", "2",
+                           "--bootstrap", "100", "--out", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.output
+    assert "full_u70" in res.output and (tmp_path / "f" / "fidelity.png").exists()
