@@ -58,8 +58,9 @@ def build_stages(env: simpy.Environment, scenario: sc.Scenario,
     relay_stage = scenario.relay.stage if scenario.relay else None
     for k, (name, cfg) in enumerate(scenario.stages.items()):
         nodes = [Node(i) for i in range(cfg.nodes.count)]
+        device = scenario.device(getattr(cfg.service, "device", None) or cfg.nodes.device)
         svc = service.build(cfg.service, rngs[2 * k + 1], f"stages.{name}.service",
-                            relay=name == relay_stage)
+                            relay=name == relay_stage, device=device)
         pick = None
         if cfg.router not in ("shared", "delay"):
             pick = make_picker(cfg.router, nodes, rngs[2 * k], cfg.affinity.virtual_nodes,

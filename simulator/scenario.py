@@ -111,9 +111,38 @@ class GRService(Strict):
         None, description="prefix KV bytes per history token; default: the table's model")
 
 
+class RooflineModel(Strict):
+    """The ranking model's shape, for FLOP and byte counts (DESIGN.md formulas)."""
+
+    arch: Literal["transformer", "hstu", "stca", "vista"] = "transformer"
+    layers: PositiveInt = 8
+    d_model: PositiveInt = 512
+    heads: PositiveInt = 8
+    ffn: PositiveInt | None = Field(None, description="default: 4 x d_model")
+    dtype_bytes: PositiveInt = 2
+    short_term_tokens: Annotated[int, Field(ge=0)] = 32
+    summary_tokens: PositiveInt = Field(128, description="VISTA: summary tokens k")
+
+
+class RooflineService(Strict):
+    """GR phase costs from FLOPs and bytes over a device's peaks, for devices nobody measured:
+    time = max(FLOPs / (peak x compute_efficiency), bytes / (bandwidth x memory_efficiency))
+           + launches x launch overhead. `fit_from` fits the efficiencies and per-call
+    overhead on a measured table (another device) and carries them to this one."""
+
+    kind: Literal["roofline"]
+    device: str | None = Field(None, description="default: the stage's node device")
+    model: RooflineModel = RooflineModel()
+    compute_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.4
+    memory_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.7
+    launches_per_layer: PositiveInt = 12
+    fit_from: str | None = Field(None, description="a measured table to fit efficiencies on")
+    cv: Annotated[float, Field(ge=0)] = Field(0.0, description="lognormal noise around the roofline time")
+
+
 ServiceModel = Annotated[
     Union[ConstantService, ExponentialService, LognormalService, EmpiricalService, TableService,
-          GRService],
+          GRService, RooflineService],
     Field(discriminator="kind")]
 
 
@@ -354,11 +383,14 @@ class Scenario(Strict):
 
     @model_validator(mode="after")
     def _cross_refs(self):
+        known = ", ".join([*PRESETS, *self.devices])
         for name, stage in self.stages.items():
             if stage.nodes.device not in self.devices and stage.nodes.device not in PRESETS:
-                known = ", ".join([*PRESETS, *self.devices])
                 raise ValueError(f"stages.{name}.nodes.device: unknown device "
                                  f"{stage.nodes.device!r} (known: {known})")
+            dev = getattr(stage.service, "device", None)
+            if dev is not None and dev not in self.devices and dev not in PRESETS:
+                raise ValueError(f"stages.{name}.service.device: unknown device {dev!r} (known: {known})")
         for name in self.slo.stage_p99_ms:
             if name not in self.stages:
                 raise ValueError(f"slo.stage_p99_ms.{name}: no stage named {name!r}")
@@ -379,8 +411,9 @@ class Scenario(Strict):
         if relay.stage not in self.stages:
             raise ValueError(f"relay.stage: no stage named {relay.stage!r}")
         stage = self.stages[relay.stage]
-        if stage.service.kind != "gr":
-            raise ValueError(f"relay.stage: stage {relay.stage!r} needs service kind 'gr' (phase costs)")
+        if stage.service.kind not in ("gr", "roofline"):
+            raise ValueError(f"relay.stage: stage {relay.stage!r} needs service kind 'gr' or "
+                             f"'roofline' (phase costs)")
         if stage.batch.max_size != 1:
             raise ValueError(f"stages.{relay.stage}.batch.max_size: must be 1 with relay "
                              f"(batched relay ranking is not modelled yet)")

@@ -134,7 +134,7 @@ def _span(grid) -> str:
 
 
 def build(model: sc.ServiceModel, rng: np.random.Generator, where: str,
-          relay: bool = False) -> ServiceTime:
+          relay: bool = False, device: sc.DeviceSpec | None = None) -> ServiceTime:
     """The runtime service-time model for a scenario's `service` block."""
     if isinstance(model, sc.ConstantService):
         return Constant(model.ms)
@@ -164,4 +164,7 @@ def build(model: sc.ServiceModel, rng: np.random.Generator, where: str,
             raise InputError(e.message, e.source, where) from None
         return GRPhases(table, model.condition, rng, model.extrapolate, where,
                         model.kv_bytes_per_token, relay)
+    if isinstance(model, sc.RooflineService):
+        from .roofline import RooflinePhases
+        return RooflinePhases.from_config(model, device, rng, where)
     raise TypeError(model)
