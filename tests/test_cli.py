@@ -98,7 +98,7 @@ BAD = [
      "ascend910b, ascend910c, cpu)"),
     (("service: {kind: lognormal, mean_ms: 3, cv: 0.5}", "service: {kind: gamma, mean_ms: 3}"),
      "{p}:12 stages.back.service: kind must be one of 'constant', 'exponential', 'lognormal', "
-     "'empirical', 'table', 'gr' (got 'gamma')"),
+     "'empirical', 'table', 'gr', 'roofline' (got 'gamma')"),
     (("  p99_ms: 50", "  p99_ms: 50\n  p99_ms: 60"), None),   # duplicate keys: YAML keeps last; fine
     (("slo:\n  p99_ms: 50\n", ""), "{p}:1 slo: required field is missing"),
     (("name: tiny", "name: [tiny"), "__yaml__"),
