@@ -28,7 +28,7 @@ from .latency import latency_cdf, p99_breakdown
 from .occupancy import MEMORY_COLUMNS, occupancy
 from .pages import capacity_page, run_page, sweep_page
 from .queues import queue_lengths
-from .sweep import facet_axes, metric_vs_x, variants_in_order
+from .sweep import facet_axes, metric_label, metric_vs_x, variants_in_order
 from .utilisation import utilisation
 
 MARKERS = ("capacity.json", "sweep.json", "summary.json")
@@ -152,7 +152,8 @@ def sweep_report(folder: Path, spec: dict) -> tuple[list[Plot], str]:
     points = load_points(folder, spec)
     if x not in points:
         raise InputError(f"no column for the x parameter {x!r}", source=str(folder / "points.parquet"))
-    for col in ("e2e.p99_ms", "goodput_rps"):
+    metric = spec.setdefault("metric", "e2e.p99_ms")
+    for col in (metric, "goodput_rps"):
         if col not in points:
             raise InputError(f"missing column {col}", source=str(folder / "points.parquet"))
     slo = spec.get("slo_p99_ms")
@@ -160,13 +161,18 @@ def sweep_report(folder: Path, spec: dict) -> tuple[list[Plot], str]:
         slo = ((spec.get("base") or {}).get("slo") or {}).get("p99_ms")
     points = sort_points(points, spec)
     plots = [
-        render("p99_vs_x", f"End-to-end P99 against {x}, one line per variant, with the confidence "
-               "band and the SLO.", metric_vs_x(points, spec, "e2e.p99_ms", f"End-to-end P99 vs {x}",
-                                                slo_ms=slo)),
+        render("p99_vs_x", f"{metric_label(metric)} against {x}, one line per variant, with the "
+               "confidence band and the SLO.",
+               metric_vs_x(points, spec, metric, f"{metric_label(metric).split(' (')[0]} vs {x}",
+                           slo_ms=slo)),
         render("goodput_vs_x", f"SLO-compliant throughput (goodput) against {x}, one line per variant.",
                metric_vs_x(points, spec, "goodput_rps", f"Goodput vs {x}",
                            offered=x == "workload.rate_qps")),
     ]
+    if "relay.prefix_hit_rate" in points:
+        plots.append(render("hit_rate_vs_x", f"Prefix hit rate at ranking against {x}, one line per "
+                            "variant.", metric_vs_x(points, spec, "relay.prefix_hit_rate",
+                                                     f"Prefix hit rate vs {x}")))
     spec = {**spec, "slo_p99_ms": slo}
     return plots, sweep_page(spec, points, lead_columns(points, spec, x), plots)
 

@@ -158,9 +158,10 @@ def p99_verdict(mean, lo, hi, slo_ms: float) -> str:
     return "pass" if hi <= slo_ms else "fail" if lo > slo_ms else "undecided"
 
 
-def points_table(points: pd.DataFrame, lead: list[str], slo_ms: float | None) -> str:
+def points_table(points: pd.DataFrame, lead: list[str], slo_ms: float | None,
+                 metric: str = "e2e.p99_ms") -> str:
     """One row per point: the lead columns as given, metrics as `mean [lo, hi]`, and the
-    P99 verdict against the SLO (`p99_verdict`)."""
+    verdict of `metric` (a P99) against the SLO (`p99_verdict`)."""
     metrics = metric_columns(points)
     headers = lead + [h for _, h in metrics] + (["P99 vs SLO"] if slo_ms else [])
     rows, verdicts = [], []
@@ -168,7 +169,7 @@ def points_table(points: pd.DataFrame, lead: list[str], slo_ms: float | None) ->
         row = [num(r[c]) for c in lead]
         row += [_cell(r, c) for c, _ in metrics]
         if slo_ms:
-            v = p99_verdict(*(r.get("e2e.p99_ms" + s) for s in ("", "_lo", "_hi")), slo_ms=slo_ms)
+            v = p99_verdict(*(r.get(metric + s) for s in ("", "_lo", "_hi")), slo_ms=slo_ms)
             row.append(v)
             verdicts.append(v)
         rows.append(row)
@@ -190,7 +191,7 @@ def point_warnings(points: pd.DataFrame) -> str:
 # ------------------------------------------------------------------ sweep
 def sweep_page(spec: dict, points: pd.DataFrame, lead: list[str], plots: list[Plot]) -> str:
     base = spec.get("base") or {}
-    slo = spec.get("slo_p99_ms")
+    slo, metric = spec.get("slo_p99_ms"), spec.get("metric", "e2e.p99_ms")
     grid = table(["parameter", "values"],
                  [[k + (" (x axis)" if k == spec["x"] else ""), ", ".join(str(v) for v in vals)]
                   for k, vals in (spec.get("grid") or {}).items()])
@@ -202,14 +203,15 @@ def sweep_page(spec: dict, points: pd.DataFrame, lead: list[str], plots: list[Pl
                if common else "")
     sections = [
         ("Sweep", paragraph(f"x axis: {spec['x']}. A point passes when the upper confidence bound "
-                            f"of its end-to-end P99 is within the SLO ({count(slo)} ms), fails when "
+                            f"of its {metric} is within the SLO ({count(slo)} ms), fails when "
                             "the lower bound is above it, and is undecided otherwise.")
          + grid + variants + applied),
         ("Plots", "".join(figure(p) for p in plots)),
-        ("Points", points_table(points, lead, slo) + point_warnings(points)),
+        ("Points", points_table(points, lead, slo, metric) + point_warnings(points)),
         ("Base scenario", yaml_block(base)),
     ]
-    subtitle = f"{len(points)} points, {points['variant'].nunique()} variants; SLO: P99 ≤ {count(slo)} ms"
+    subtitle = (f"{len(points)} points, {points['variant'].nunique()} variants; "
+                f"SLO: {metric} ≤ {count(slo)} ms")
     return page(f"simrec sweep: {base.get('name', '')}", subtitle, sections)
 
 
@@ -230,7 +232,7 @@ def capacity_page(spec: dict, points: pd.DataFrame | None, lead: list[str], plot
                          lambda i, j: evals[i][3] if j == 3 else None)),
                 ("Plots", "".join(figure(p) for p in plots))]
     if points is not None:
-        sections.append(("Points", points_table(points, lead, slo) + point_warnings(points)))
+        sections.append(("Points", points_table(points, lead, slo, metric) + point_warnings(points)))
     base = spec.get("base") or spec.get("scenario")
     if base:
         sections.append(("Base scenario", yaml_block(base)))

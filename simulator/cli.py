@@ -89,11 +89,7 @@ def _cache_for(target: Path) -> Path:
     return target.parent / ".simrec-cache"
 
 
-def _slo_for(sc: Scenario, metric: str) -> float:
-    parts = metric.split(".")
-    if parts[0] == "stages" and len(parts) > 1 and parts[1] in sc.slo.stage_p99_ms:
-        return sc.slo.stage_p99_ms[parts[1]]
-    return sc.slo.p99_ms
+
 
 
 @app.command()
@@ -160,8 +156,9 @@ def sweep(spec: Path = typer.Argument(..., help="a sweep file (with `base:`), or
                               ray_address, lambda d, t: bar.update(task, completed=d, total=t), report_)
     except (InputError, yaml.YAMLError) as e:
         _fail(e if isinstance(e, InputError) else InputError(f"invalid YAML: {e}", str(spec)), spec)
-    show = [c for c in ("variant", *spec_obj.grid, "e2e.p99_ms", "e2e.p99_ms_lo", "e2e.p99_ms_hi",
-                        "goodput_rps", "slo_attainment") if c in table.columns]
+    m = spec_obj.metric
+    show = [c for c in ("variant", *spec_obj.grid, m, m + "_lo", m + "_hi", "goodput_rps",
+                        "slo_attainment", "relay.prefix_hit_rate") if c in table.columns]
     out.print(table[show].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     out.print(f"results: {target}")
 
@@ -188,6 +185,7 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file"),
     Example: simrec capacity scenarios/default.yaml --param workload.rate_qps --metric stages.ranking.p99_ms
     """
     from .capacity import search, write_capacity
+    from .sweep import slo_for
     from .loader import get_path
     try:
         sc = _load(scenario, set_, None)
@@ -195,7 +193,7 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file"),
         first = start if start is not None else current
         if not isinstance(first, (int, float)) or isinstance(first, bool):
             raise InputError(f"{param} is not a number (got {first!r}); give --start", "--param")
-        budget = slo if slo is not None else _slo_for(sc, metric)
+        budget = slo if slo is not None else slo_for(sc, metric)
         is_int = integer if integer is not None else isinstance(current, int)
         target = out_dir or Path("results") / f"capacity-{sc.name}"
         with _bar("simulations") as (bar, task):

@@ -4,6 +4,8 @@ A sweep file references a base scenario and says what to vary:
 
     base: ../scenarios/default.yaml          # relative to the sweep file
     x: workload.rate_qps                     # the x-axis of the plots (default: first grid key)
+    metric: stages.ranking.p99_ms            # the P99 that is judged (default: e2e.p99_ms)
+    slo_ms: 30                               # its budget (default: the scenario's SLO for it)
     grid:                                    # cartesian product of these
       workload.rate_qps: [500, 1000, 1500]
     variants:                                # one line per variant in the plots
@@ -39,6 +41,8 @@ class SweepSpec(BaseModel):
 
     base: str
     x: str | None = None
+    metric: str = "e2e.p99_ms"
+    slo_ms: float | None = None
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
     set: dict[str, Any] = Field(default_factory=dict)
@@ -108,9 +112,18 @@ def run_sweep(base: Scenario, spec: SweepSpec, out: Path, executor: str = "local
     with atomic_folder(out, report) as tmp:
         (tmp / "sweep.json").write_text(json.dumps({
             "base": base.model_dump(mode="json"), "grid": spec.grid, "variants": spec.variants,
-            "set": spec.set, "x": x, "slo_p99_ms": base.slo.p99_ms}, indent=2) + "\n")
+            "set": spec.set, "x": x, "metric": spec.metric,
+            "slo_p99_ms": spec.slo_ms or slo_for(base, spec.metric)}, indent=2) + "\n")
         table.to_parquet(tmp / "points.parquet", index=False)
     return table
+
+
+def slo_for(scenario: Scenario, metric: str) -> float:
+    """The scenario's budget for a P99 metric: a stage budget, else the end-to-end one."""
+    parts = metric.split(".")
+    if parts[0] == "stages" and len(parts) > 1 and parts[1] in scenario.slo.stage_p99_ms:
+        return scenario.slo.stage_p99_ms[parts[1]]
+    return scenario.slo.p99_ms
 
 
 def points_table(params: list[dict], summaries: list[dict]) -> pd.DataFrame:

@@ -60,7 +60,7 @@ def test_run_folder_report(run_folder, capfd):
         assert f"{num(node['mean'])} [{num(node['lo'])}, {num(node['hi'])}]" in html
     assert pct(m["slo_attainment"]["mean"]) in html
     assert pct(m["utilisation"]["preprocess"]["stage"]["mean"]) in html
-    assert "default-cascade" in html and "illustrative" in html   # scenario and table provenance
+    assert "default-cascade" in html and "h100_gr_base" in html   # scenario and table provenance
     # A second build replaces the first and draws the same pixels.
     first = {p: p.read_bytes() for p in written}
     assert build_report(run_folder) == written
