@@ -23,6 +23,7 @@ try:  # typer >= 0.20 vendors click; older releases use click itself
 except ImportError:  # pragma: no cover
     from click import ClickException
 
+from .cli_calibrate import calibrate
 from .errors import InputError
 from .loader import load_scenario
 from .scenario import Scenario
@@ -277,6 +278,9 @@ def key_figures(results) -> Table:
     table.add_row("goodput (req/s within SLO)", _ci(m["goodput_rps"], 1))
     table.add_row("SLO attainment", _ci(m["slo_attainment"], 4))
     return table
+
+
+app.command()(calibrate)
 
 
 def main() -> None:

@@ -76,7 +76,7 @@ def calibrate(
     """Run the torch microbenchmarks on this machine's device and write a cost table; then print
     and store the cost models' own errors (leave-one-out interpolation, fitted roofline).
 
-    Needs torch (pip install 'simrec[calibrate]') unless --errors-only.
+    Needs torch (the calibrate extra of simrec) unless --errors-only.
 
     Example: simrec calibrate --device cpu --layers 2 --d-model 128 --heads 4 --ffn 512 --history-lens 64,256,1024 --candidates 16,64 --out tables/cpu_small
     """

@@ -128,10 +128,10 @@ def resolve_paths(data: dict, base: Path) -> None:
         arrivals["path"] = str((base / arrivals["path"]).resolve())
     for stage in (data.get("stages") or {}).values():
         service = stage.get("service") if isinstance(stage, dict) else None
-        if isinstance(service, dict) and isinstance(service.get("table"), str):
-            ref = service["table"]
-            if "/" in ref or ref.endswith(".json"):
-                service["table"] = str((base / ref).resolve())
+        for key in ("table", "fit_from"):
+            ref = service.get(key) if isinstance(service, dict) else None
+            if isinstance(ref, str) and ("/" in ref or ref.endswith(".json")):
+                service[key] = str((base / ref).resolve())
 
 
 def _drop_union_tags(data: Any, loc: list[str]) -> list[str]:
