@@ -2,7 +2,7 @@
 # Fidelity testbed on one GPU: calibrate the testbed's model, then serve it for real.
 #
 #   OUT=/path/to/results bash calibration/run_testbed_h100.sh a   # table + full runs + relay eviction run
-#   OUT=/path/to/results bash calibration/run_testbed_h100.sh b   # table + relay runs
+#   OUT=/path/to/results bash calibration/run_testbed_h100.sh b   # table + a full run at 0.8 + relay runs
 #
 # Each part is one device call of at most ~540 s: it first calibrates a cost table on this
 # GPU (calibration/bench.py: isolated and idle_gap conditions on the testbed's grid), then
@@ -30,11 +30,15 @@ BENCH_EXTRA="${BENCH_EXTRA:---target-s 0.4 --soft-deadline-s 75}"
 WORKLOAD="${WORKLOAD:---history-lens 1024,2048,4096,8192 --length-weights 0.35,0.3,0.2,0.15 --candidates 128 --users 50000 --zipf 1.2 --lead-ms 20 --threshold 4096}"
 LOADS="${LOADS:-0.3,0.6,0.9}"
 REQ_FULL="${REQ_FULL:-20000,30000,50000}"
-REQ_RELAY="${REQ_RELAY:-20000,30000,50000}"
+REQ_RELAY="${REQ_RELAY:-15000,20000,28000}"
+LOADS_RELAY="${LOADS_RELAY:-0.3,0.6,0.82}"
+FULL_B_LOAD="${FULL_B_LOAD:-0.8}"
+REQ_FULL_B="${REQ_FULL_B:-20000}"
+FULL_B_UNTIL_S="${FULL_B_UNTIL_S:-160}"     # part b: the full run must end by T0 + this
 REQ_SMALL="${REQ_SMALL:-30000}"
 SMALL_MIB="${SMALL_MIB:-256}"
 BIG_MIB="${BIG_MIB:-16384}"
-MIN_REQUESTS="${MIN_REQUESTS:-15000}"
+MIN_REQUESTS="${MIN_REQUESTS:-12000}"
 SMALL_RESERVE_S="${SMALL_RESERVE_S:-120}"  # part a: seconds kept for the eviction run
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$W"
@@ -69,7 +73,9 @@ left() { echo $(( T0 + BUDGET_S - $(date +%s) )); }
       tb "$BUDGET_S" --policy relay --loads 0.6 --requests "$REQ_SMALL" --cache-mib "$SMALL_MIB" --tags _small
       ;;
     b)
-      tb "$BUDGET_S" --policy relay --loads "$LOADS" --requests "$REQ_RELAY" --cache-mib "$BIG_MIB"
+      # a full run below saturation first (part a's 0.9 target ran at 0.965), then the relay runs
+      tb "$FULL_B_UNTIL_S" --policy full --loads "$FULL_B_LOAD" --requests "$REQ_FULL_B"
+      tb "$BUDGET_S" --policy relay --loads "$LOADS_RELAY" --requests "$REQ_RELAY" --cache-mib "$BIG_MIB"
       ;;
     *) echo "unknown part $part"; exit 2 ;;
   esac

@@ -103,7 +103,7 @@ def fidelity(
     fit_run: Optional[str] = typer.Option(None, help="run the correction is fitted on "
                                                      "(default: the relay run nearest 60% load)"),
     sources: Optional[str] = typer.Option(None, help="comma-separated subset of: replay, replay_kernel, "
-                                                     "table, table_idle, corrected, corrected_iid"),
+                                                     "table, table_idle, ratio_iid, corrected_iid, corrected"),
     bootstrap: int = typer.Option(1000, min=100, help="block-bootstrap resamples for measured CIs"),
 ):
     """Compare simulated with measured ranking latency of testbed runs (simrec's error).

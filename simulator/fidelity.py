@@ -16,11 +16,16 @@ simulated ranking sojourn (wait + service) is compared with the measured ranking
 - ``table``: the scenario as written: draws from the calibrated table (isolated).
 - ``table_idle``: the table's ``idle_gap`` curves for jobs that start after the device
   idled (>= ``IDLE_MS``), its ``isolated`` curves otherwise. No serving data used.
-- ``corrected``: table median x a ratio drawn from one run's measured / median ratios,
-  per phase and per bucket of the idle time before the job (``Correction``). It is fitted
-  on ONE run and judged on the others; the fitted run's row is flagged in-sample.
-- ``corrected_iid``: the same with one ratio pool per phase (no idle-time buckets): the
-  plain "i.i.d. multiplicative noise" correction, for comparison.
+- ``ratio_iid``: table median x a ratio drawn i.i.d. from one run's measured / median
+  ratios (per phase): the plain "multiplicative noise" correction, as a baseline.
+- ``corrected_iid``: max(the phase's in-serving host time, the table's isolated median) x
+  i.i.d. residuals, both from one run (``Correction``): per-call host overhead that does
+  not scale with the work, plus noise.
+- ``corrected``: the same with time-indexed residuals, so the fit run's host stalls keep
+  their clustering in time (``Correction.draw``).
+
+The corrections are fitted on ONE run and judged on the others; the fitted run's rows are
+flagged in-sample.
 
 Measured percentiles carry a 95% interval from a circular block bootstrap over
 consecutive requests (latencies are autocorrelated). Simulated figures average the
@@ -52,12 +57,13 @@ from .scenario import Scenario
 from .simulate import simulate
 
 STAGE = "ranking"
-SOURCES = ("replay", "replay_kernel", "table", "table_idle", "corrected", "corrected_iid")
+SOURCES = ("replay", "replay_kernel", "table", "table_idle", "ratio_iid", "corrected_iid", "corrected")
+CORRECTIONS = {"ratio_iid": dict(levels=False, temporal=False),
+               "corrected_iid": dict(levels=True, temporal=False),
+               "corrected": dict(levels=True, temporal=True)}
 MAIN_SOURCES = ("replay", "table", "corrected")
 METRICS = ("p50", "p90", "p99", "mean")
-IDLE_EDGES_MS = (0.0, 0.5, 2.0, 10.0)   # idle-time buckets: {0}, (0, .5], (.5, 2], (2, 10], > 10
 IDLE_MS = 0.5                          # table_idle: idle at least this long -> idle_gap curve
-MIN_BUCKET = 50                        # fewer ratios than this in a bucket: pool wider
 
 
 # ----------------------------------------------------------------------------- runs
@@ -226,72 +232,78 @@ class Replay(_Costs):
 
 @dataclass
 class Correction:
-    """In-serving correction of a table: time = table median x ratio, the ratio drawn from
-    the measured / median ratios of one run, per phase and bucket of idle time before the
-    job (edges in ms; the first bucket is exactly 0: the job queued behind another)."""
+    """In-serving correction of a table, fitted on one run.
+
+    time = base(phase, L, M) x eps. With `levels` (the in-serving host time of each phase,
+    from the fit run) base = max(level, isolated median): eager serving is launch-bound,
+    so a job takes the host's in-serving time unless its GPU work (the isolated time of a
+    GPU-bound shape) is longer. Without levels base = isolated median (a plain ratio).
+    eps are the fit run's residuals busy / base: drawn i.i.d. per phase, or (`temporal`)
+    time-indexed: a job starting at simulated time t takes the residual of the fit run's
+    job that started nearest to (t + offset) mod the fit run's span, the offset drawn per
+    replication, so host stalls keep the clustering they had in the fit run."""
 
     fit_run: str
-    edges_ms: tuple[float, ...]
-    pools: dict[tuple[str, int], np.ndarray]
-    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    levels: dict[str, float] | None
+    pools: dict[str, np.ndarray]            # phase -> sorted residuals
+    starts_ms: np.ndarray                   # fit run's job starts, ascending
+    eps: np.ndarray                         # their residuals, in that order
+    temporal: bool = False
 
-    def bucket(self, idle_ms: float) -> int:
-        if idle_ms <= self.edges_ms[0]:
-            return 0
-        return int(np.searchsorted(self.edges_ms, idle_ms, side="left"))
+    def base(self, phase: str, iso_ms: float) -> float:
+        return iso_ms if self.levels is None else max(self.levels[phase], iso_ms)
 
-    def draw(self, phase: str, idle_ms: float, u: float) -> float:
-        pool = self.pools.get((phase, self.bucket(idle_ms)))
-        if pool is None:
-            pool = self.pools[(phase, -1)] if (phase, -1) in self.pools else self.pools[("*", -1)]
-        return float(np.quantile(pool, u)) if len(pool) > 1 else float(pool[0])
+    def draw(self, phase: str, now_ms: float, offset_ms: float, u: float) -> float:
+        if self.temporal:
+            span = float(self.starts_ms[-1])
+            i = int(np.searchsorted(self.starts_ms, (now_ms + offset_ms) % span))
+            return float(self.eps[min(i, len(self.eps) - 1)])
+        pool = self.pools.get(phase, self.pools["*"])
+        return float(np.quantile(pool, u))
 
     def summary(self) -> dict:
-        out = {"fit_run": self.fit_run, "idle_edges_ms": list(self.edges_ms), "pools": {}}
-        for (p, b), v in sorted(self.pools.items()):
-            q = np.quantile(v, [0.01, 0.5, 0.9, 0.99])
-            out["pools"][f"{p}/{b}"] = {"n": int(len(v)), "mean": round(float(v.mean()), 4),
-                                        "cv": round(float(v.std() / v.mean()), 4),
-                                        "q01_q50_q90_q99": [round(float(x), 4) for x in q]}
+        out = {"fit_run": self.fit_run, "temporal": self.temporal,
+               "levels_ms": None if self.levels is None else {k: round(v, 4) for k, v in self.levels.items()},
+               "residuals": {}}
+        for p, v in sorted(self.pools.items()):
+            q = np.quantile(v, [0.01, 0.5, 0.9, 0.99, 0.999])
+            out["residuals"][p] = {"n": int(len(v)), "mean": round(float(v.mean()), 4),
+                                   "q01_q50_q90_q99_q999": [round(float(x), 4) for x in q]}
         return out
 
 
-def fit_correction(run: Run, edges_ms=IDLE_EDGES_MS, by_idle: bool = True) -> Correction:
-    """Ratios measured busy time / isolated table median of the run's own table, after the
-    warm-up; per (phase, idle bucket) where a bucket has MIN_BUCKET ratios, else pooled over
-    phases in that bucket, else per phase, else all (bucket -1 holds the wider pools)."""
+def fit_correction(run: Run, levels: bool = True, temporal: bool = False) -> Correction:
+    """Fit on one run, after its warm-up. A phase's level is the median busy time of its
+    jobs at host-bound shapes (isolated median within 20% of the phase's smallest on the
+    grid); the residuals are busy / base for every job."""
     from simrec.calibration.table import load_table
     table = load_table(run.scenario.stages[STAGE].service.table)
     j = run.ran()
     cut = (run.scenario.run.warmup_s or 0.0) * 1000.0
     signal = run.trace["arrival_ms"].to_numpy()[j["request_id"].to_numpy()]
-    j = j[(signal >= cut) & (j["phase"] != "")]
-    med = np.array([table.curve(p).median_ms(L, 0 if p == "prefix_encode" else M)
-                    for p, L, M in zip(j["phase"], j["history_len"], j["candidates"])])
-    ratio = j["busy_ms"].to_numpy() / med
-    edges = tuple(edges_ms) if by_idle else (math.inf,)
-    corr = Correction(run.name, edges, {})
-    buckets = np.array([corr.bucket(x) for x in j["idle_ms"]]) if by_idle else np.zeros(len(j), int)
+    j = j[(signal >= cut) & (j["phase"] != "")].reset_index(drop=True)
     phases = j["phase"].to_numpy()
-    pools: dict = {("*", -1): np.sort(ratio)}
-    for p in np.unique(phases):
-        pools[(p, -1)] = np.sort(ratio[phases == p])
-    for b in np.unique(buckets):
-        inb = buckets == b
+    iso = np.array([table.curve(p).median_ms(L, 0 if p == "prefix_encode" else M)
+                    for p, L, M in zip(phases, j["history_len"], j["candidates"])])
+    busy = j["busy_ms"].to_numpy()
+    lv = None
+    if levels:
+        lv = {}
         for p in np.unique(phases):
-            sel = inb & (phases == p)
-            if sel.sum() >= MIN_BUCKET:
-                pools[(p, int(b))] = np.sort(ratio[sel])
-            elif inb.sum() >= MIN_BUCKET:
-                pools[(p, int(b))] = np.sort(ratio[inb])
-    corr.pools = pools
-    corr.counts = {p: {str(int(b)): int(((phases == p) & (buckets == b)).sum()) for b in np.unique(buckets)}
-                   for p in np.unique(phases)}
-    return corr
+            curve = table.curve(p)
+            floor = float(np.exp(curve.log_ms[..., list(curve.quantiles).index(0.5)]).min())
+            host = (phases == p) & (iso <= 1.2 * floor)
+            lv[p] = float(np.median(busy[host] if host.any() else busy[phases == p]))
+    base = np.array([iso[k] if lv is None else max(lv[p], iso[k]) for k, p in enumerate(phases)])
+    eps = busy / base
+    pools = {"*": np.sort(eps), **{p: np.sort(eps[phases == p]) for p in np.unique(phases)}}
+    order = np.argsort(j["start_ms"].to_numpy())
+    starts = j["start_ms"].to_numpy()[order]
+    return Correction(run.name, lv, pools, starts - starts[0], eps[order], temporal)
 
 
 class _Drawn(_Costs):
-    """Costs that depend on how long the node idled before the job starts."""
+    """Costs that depend on the simulated state when the job starts."""
 
     def __init__(self, base, env, node, rng: np.random.Generator):
         super().__init__(base)
@@ -306,9 +318,12 @@ class Corrected(_Drawn):
     def __init__(self, base, env, node, rng, correction: Correction):
         super().__init__(base, env, node, rng)
         self.correction = correction
+        self.offset_ms = float(rng.uniform(0, correction.starts_ms[-1]))
 
     def phase(self, name: str, L: int, M: int = 0) -> float:
-        return self.base.median(name, L, M) * self.correction.draw(name, self.idle_ms(), self.rng.uniform())
+        c = self.correction
+        return (c.base(name, self.base.median(name, L, M))
+                * c.draw(name, self.env.now, self.offset_ms, self.rng.uniform()))
 
 
 class TableIdle(_Drawn):
@@ -387,7 +402,7 @@ def simulate_source(run: Run, source: str, replications: int = 5,
         node = stage.nodes[0]
         if source.startswith("replay"):
             c = Replay(stage.service, run, "busy" if source == "replay" else "service")
-        elif source.startswith("corrected"):
+        elif source in CORRECTIONS:
             c = Corrected(stage.service, prep.env, node, rng, correction)
         else:
             from simrec.calibration.table import load_table
@@ -398,7 +413,7 @@ def simulate_source(run: Run, source: str, replications: int = 5,
     if source == "table":
         res = simulate(scen)
     else:
-        if source.startswith("corrected") and correction is None:
+        if source in CORRECTIONS and correction is None:
             raise ValueError(f"source {source!r} needs a fitted correction")
         with _ranking_costs(make):
             res = simulate(scen)
@@ -453,16 +468,17 @@ def compare(runs: list[Run], replications: int = 5, fit_run: str | None = None,
     if len(set(names)) != len(names):
         raise InputError(f"run names must be unique (got {names})")
     corrections = {}
-    if any(s.startswith("corrected") for s in sources):
+    if any(s in CORRECTIONS for s in sources):
         fit = pick_fit_run(runs, fit_run)
-        corrections = {"corrected": fit_correction(fit), "corrected_iid": fit_correction(fit, by_idle=False)}
+        corrections = {s: fit_correction(fit, **CORRECTIONS[s]) for s in sources if s in CORRECTIONS}
     rows, curves, detail = [], {}, {}
     for run in runs:
         meas = measured_figures(run, n_boot)
         warm = run.warm()
         measured_lat = run.ranking()["latency_ms"].to_numpy()
         detail[run.name] = {"block": meas["block"], "n": meas["n"], "utilisation": meas["utilisation"],
-                            "overhead_ms": meas["overhead_ms"], "ci": meas["ci"], "sources": {}}
+                            "overhead_ms": meas["overhead_ms"], "ci": meas["ci"],
+                            "in_serving_levels_ms": fit_correction(run).levels, "sources": {}}
         curves[run.name] = {"measured": measured_lat[warm]}
         for source in sources:
             if progress:
@@ -484,7 +500,7 @@ def compare(runs: list[Run], replications: int = 5, fit_run: str | None = None,
                     info["outcome_mismatch"] = int((out.prefix[0] != run.ranking()["outcome"].to_numpy()).sum())
                     info["reuse_mismatch"] = int((out.reused[0] != reused(run)).sum())
             detail[run.name]["sources"][source] = info
-            in_sample = source.startswith("corrected") and corrections[source].fit_run == run.name
+            in_sample = source in CORRECTIONS and corrections[source].fit_run == run.name
             for metric, value in meas["figures"].items():
                 sims = np.array([d[metric] for d in per])
                 lo, hi = meas["ci"].get(metric, (math.nan, math.nan))
@@ -581,8 +597,8 @@ class FidelityReport:
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
         style = {"measured": ("k", "-", 2.2), "replay": ("tab:green", "--", 1.2),
                  "replay_kernel": ("tab:olive", ":", 1.0), "table": ("tab:red", "-", 1.2),
-                 "table_idle": ("tab:orange", "-.", 1.0), "corrected": ("tab:blue", "-", 1.2),
-                 "corrected_iid": ("tab:purple", ":", 1.0)}
+                 "table_idle": ("tab:orange", "-.", 1.0), "ratio_iid": ("tab:brown", ":", 1.0),
+                 "corrected_iid": ("tab:purple", ":", 1.0), "corrected": ("tab:blue", "-", 1.2)}
         for ax, run in zip(axes.ravel(), runs):
             for name, x in self.curves[run].items():
                 xs = np.sort(x)
