@@ -50,6 +50,7 @@ class Capacity:
 def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: float,
            worse_when_higher: bool = True, integer: bool = False, rel_tol: float = 0.02,
            max_evals: int = 20, cache_dir: Path | None = None,
+           bounds: tuple[float | None, float | None] = (None, None),
            progress: Callable[[int, int], None] | None = None) -> tuple[Capacity, list[dict]]:
     if base.run.replications < 2:
         raise InputError("capacity search needs run.replications >= 2 (it uses the P99's "
@@ -102,8 +103,9 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
             return max(1, v // 2) if integer else v / 2
         return v * 2
 
-    # Expand from the start value, never re-evaluating a value, never past 1024x it.
-    limits = (start / 1024, start * 1024)
+    # Expand from the start value, never re-evaluating a value, never past 1024x it or the bounds.
+    limits = (start / 1024 if bounds[0] is None else bounds[0],
+              start * 1024 if bounds[1] is None else bounds[1])
     v = start
     while len(cap.points) < max_evals:
         verdict = evaluate(v)
@@ -114,10 +116,12 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
         if step is toward_better and len(cap.points) >= 2 and _stalled(cap.points[-2], cap.points[-1]):
             cap.plateau = True     # a better value did not lower the P99 beyond its CI
             break
-        nxt = step(v)
-        while nxt in verdicts and step(nxt) != nxt:
-            nxt = step(nxt)
-        if nxt == v or nxt in verdicts or not limits[0] <= nxt <= limits[1]:
+        def clamp(x: float) -> float:
+            return min(max(x, limits[0]), limits[1])
+        nxt = clamp(step(v))
+        while nxt in verdicts and clamp(step(nxt)) != nxt:
+            nxt = clamp(step(nxt))
+        if nxt == v or nxt in verdicts:
             break                  # nothing left to try in that direction
         v = nxt
     while cap.passing is not None and cap.failing is not None and len(cap.points) < max_evals:

@@ -179,6 +179,9 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file"),
              integer: Optional[bool] = typer.Option(None, help="integer parameter (default: inferred)"),
              rel_tol: float = typer.Option(0.02, help="stop when the bracket is this narrow (relative)"),
              max_evals: int = typer.Option(20, help="most simulations to spend"),
+             min_value: Optional[float] = typer.Option(None, help="never search below this value"),
+             max_value: Optional[float] = typer.Option(None, help="never search above this value "
+                                                                  "(e.g. the cost table's largest L)"),
              set_: Optional[list[str]] = SetOpt,
              out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="default: results/capacity-<name>"),
              cache: Optional[Path] = CacheOpt, report_: bool = ReportOpt):
@@ -202,7 +205,7 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file"),
             bar.update(task, description=param, total=max_evals)
             cap, summaries = search(sc, param, metric, budget, first, worse_when_higher=not fewest,
                                     integer=is_int, rel_tol=rel_tol, max_evals=max_evals,
-                                    cache_dir=cache or _cache_for(target),
+                                    cache_dir=cache or _cache_for(target), bounds=(min_value, max_value),
                                     progress=lambda d, t: bar.update(task, completed=d))
         write_capacity(cap, summaries, target, report_)
     except InputError as e:

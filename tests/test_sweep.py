@@ -100,3 +100,11 @@ def test_capacity_fewest_instances_and_unreachable_slo():
     cap, _ = search(sc, "stages.server.nodes.count", "e2e.p99_ms", 40.0, start=8,
                     worse_when_higher=False, integer=True)
     assert cap.passing is None and cap.plateau
+
+
+def test_capacity_respects_bounds():
+    sc = simrec.load_scenario("scenarios/mmc.yaml", ["run.requests=3000", "run.replications=3",
+                                                     "stages.server.nodes.count=1"])
+    cap, _ = search(sc, "workload.rate_qps", "e2e.p99_ms", 100.0, start=10.0, bounds=(None, 30.0),
+                    max_evals=6)
+    assert max(p["value"] for p in cap.points) == 30.0 and cap.failing is None
