@@ -124,11 +124,19 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
         if nxt == v or nxt in verdicts:
             break                  # nothing left to try in that direction
         v = nxt
-    while cap.passing is not None and cap.failing is not None and len(cap.points) < max_evals:
+    while cap.passing is not None and len(cap.points) < max_evals:
         # Narrow the gaps on either side of the undecided zone: between the largest pass and
-        # the nearest undecided point, and between the farthest undecided point and the fail.
-        inside = [u for u in cap.undecided if min(cap.passing, cap.failing) < u < max(cap.passing, cap.failing)]
-        edge = sorted([cap.passing, cap.failing, *([min(inside), max(inside)] if inside else [])])
+        # the nearest undecided point, and between the farthest undecided point and the fail
+        # (with no fail found, the farthest end is the nearest undecided point beyond the pass).
+        p = cap.passing
+        beyond = [u for u in cap.undecided if (u > p if worse_when_higher else u < p)]
+        far = cap.failing
+        if far is None:
+            if not beyond:
+                break
+            far = min(beyond) if worse_when_higher else max(beyond)
+        inside = [u for u in beyond if min(p, far) < u < max(p, far)]
+        edge = sorted([p, far, *([min(inside), max(inside)] if inside else [])])
         pairs = [(edge[0], edge[1]), (edge[-2], edge[-1])] if inside else [(edge[0], edge[1])]
         gaps = [(a, b) for a, b in pairs if not _narrow(a, b, rel_tol, integer)]
         if not gaps:
