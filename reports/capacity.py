@@ -80,7 +80,12 @@ def capacity(spec: dict) -> Figure:
     elif len(values):   # the unbounded markers do not take part in autoscaling
         pad = 0.05 * (values.max() - values.min()) or 0.05 * abs(values.max()) or 1.0
         ax.set_xlim(values.min() - pad, values.max() + pad)
-    ax.set_ylim(bottom=0)
+    p99 = pts["p99"].to_numpy(float)
+    if log_scale_suits(p99[np.isfinite(p99)], ratio=20):   # one overloaded point would squash the rest
+        ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
+    else:
+        ax.set_ylim(bottom=0)
     ax.set_xlabel(axis_label(parameter))
     format_axis(ax.xaxis, parameter)
     ax.set_ylabel(metric_label(spec.get("metric", "e2e.p99_ms")) + ", CI bars")
