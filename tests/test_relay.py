@@ -11,7 +11,7 @@ import simrec
 from conftest import check_invariants
 from simrec.loader import validate
 from simrec.prefix_cache import DramTier, PrefixCache
-from simrec.relay import ADMITTED, ALREADY_CACHED, HIT, REJECTED
+from simrec.relay import ADMITTED, REJECTED
 from simrec.routing import HashRing
 
 
