@@ -101,7 +101,9 @@ def run_report(folder: Path, summary: dict) -> tuple[list[Plot], str]:
     req = read_parquet(folder / "requests.parquet", ["replication", "warmup", "latency_ms", *per_stage])
     relay = sc.get("relay")
     ts_cols = ["replication", "time_ms", "stage", "node", "queue_len"]
-    ts = read_parquet(folder / "timeseries.parquet", ts_cols + (list(MEMORY_COLUMNS) if relay else []))
+    pool_cols = ["emb_bytes", "kv_capacity_bytes", "emb_filled_bytes"] if sc.get("hbm") else []
+    ts = read_parquet(folder / "timeseries.parquet",
+                      ts_cols + (list(MEMORY_COLUMNS) + pool_cols if relay else []))
     warmup = (summary.get("requests", {}).get("warmup_ms") or [None])[0]
     name = sc.get("name", "")
     plots = [

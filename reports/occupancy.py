@@ -27,6 +27,16 @@ def occupancy(ts: pd.DataFrame, relay: dict, nodes: int, warmup_ms: float | None
     if hbm_cap:
         hbm.axhline(hbm_cap * nodes / GB, color="0.3", linestyle=":",
                     label=f"HBM capacity ({nodes} × {hbm_cap / GB:.3g} GB)")
+    hbm_cols = ["hbm_used_bytes", "hbm_pinned_bytes"]
+    if "emb_bytes" in x:   # an HBM pool shared with the embedding cache: the boundary moves
+        pool = x.groupby("time_ms")[["emb_bytes", "kv_capacity_bytes", "emb_filled_bytes"]].sum().sort_index()
+        total = total.join(pool)
+        hbm.plot(t, total["kv_capacity_bytes"] / GB, color="0.3", linestyle=":",
+                 label="KV side of the pool (partition boundary)")
+        hbm.plot(t, total["emb_bytes"] / GB, color=colour(3), label="EMB side of the pool")
+        hbm.plot(t, total["emb_filled_bytes"] / GB, color=colour(4), linestyle="--",
+                 label="EMB: filled with valid rows")
+        hbm_cols += ["kv_capacity_bytes", "emb_bytes"]
     dram.plot(t, total["dram_used_bytes"] / GB, color=colour(2), label="DRAM expander: used")
     if dram_cap:
         dram.axhline(dram_cap * nodes / GB, color="0.3", linestyle=":",
@@ -34,7 +44,7 @@ def occupancy(ts: pd.DataFrame, relay: dict, nodes: int, warmup_ms: float | None
     else:
         dram.text(0.5, 0.5, "no DRAM expander configured", ha="center", va="center",
                   transform=dram.transAxes, color="0.4")
-    for ax, cap, cols in ((hbm, hbm_cap, ["hbm_used_bytes", "hbm_pinned_bytes"]),
+    for ax, cap, cols in ((hbm, hbm_cap, hbm_cols),
                           (dram, dram_cap, ["dram_used_bytes"])):
         shade_warmup(ax, (warmup_ms or 0) / 1000.0)
         top = max(float(total[cols].to_numpy().max(initial=0)), (cap or 0) * nodes) / GB

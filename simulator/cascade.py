@@ -14,10 +14,17 @@ import simpy
 
 from . import scenario as sc
 from . import service
+from .partition import start_controllers
 from .relay import Relay, build_relay, relay_worker
 from .routing import make_picker
 from .stage import Job, Node, Stage, make_dispatch, node_worker
 from .workload import RequestBatch, generate
+
+
+# Sampled columns after (time, stage, node): queue, in service, busy fraction, 3 memory
+# figures, 3 split figures and the N_COUNTS per-interval counter differences.
+N_COUNTS = 5
+N_COLUMNS = 9 + N_COUNTS
 
 
 @dataclass
@@ -84,10 +91,12 @@ class Prepared:
 def prepare(scenario: sc.Scenario, index: int) -> Prepared:
     """Workload and runtime objects of one replication, with every request shape checked
     against the cost tables up front (so a bad shape fails before the run, not in it)."""
-    rngs = stream(scenario.run.seed, index, 1 + 2 * len(scenario.stages))
+    # Streams: workload, two per stage, then the embedding misses (appended last, so the
+    # others are the same with or without an HBM pool).
+    rngs = stream(scenario.run.seed, index, 2 + 2 * len(scenario.stages))
     env = simpy.Environment()
     reqs = generate(scenario.workload, scenario.run, rngs[0])
-    stages = build_stages(env, scenario, rngs[1:])
+    stages = build_stages(env, scenario, rngs[1:-1])
     extrapolated = {}
     for s in stages:
         M = np.full(len(reqs), s.candidates) if s.candidates else reqs.candidates
@@ -96,7 +105,7 @@ def prepare(scenario: sc.Scenario, index: int) -> Prepared:
     relay = None
     if scenario.relay is not None:
         stage = next(s for s in stages if s.name == scenario.relay.stage)
-        relay = build_relay(scenario, stage, len(reqs))
+        relay = build_relay(scenario, stage, len(reqs), rngs[-1])
     return Prepared(env, reqs, stages, extrapolated, relay)
 
 
@@ -147,28 +156,45 @@ def run_replication(scenario: sc.Scenario, index: int) -> Replication:
     end_ms = float(reqs.arrival_ms[-1]) if n else 0.0
     dt = scenario.run.sample_interval_ms or max(end_ms / 200, 1e-3)
     samples: list[tuple] = []
+    hbm = relay.hbm if relay else None
 
     def sampler(env: simpy.Environment):
-        """Per node: own queue, jobs in service, busy fraction over the last interval, and
-        prefix-cache bytes (HBM used, HBM pinned, DRAM used) on relay nodes. One extra row
-        per stage (node = -1) holds the stage totals; a shared queue is counted only there."""
+        """Per node: own queue, jobs in service, busy fraction over the last interval,
+        prefix-cache bytes (HBM used, HBM pinned, DRAM used) and the interval's prefix hit
+        rate on relay nodes, and with an HBM pool its split (EMB bytes, KV capacity), the
+        valid EMB rows' bytes, the interval's EMB hit rate and its missed and refilled EMB
+        bytes. One extra row per stage (node = -1) holds the stage totals (rates pooled
+        over nodes, busy fraction averaged); a shared queue is counted only there."""
         last = {(s.name, nd.index): 0.0 for s in stages for nd in s.nodes}
         caches = {relay.stage.name: relay.caches} if relay else {}
+        prev = {}      # (stage, node) -> cumulative counters at the last sample
         while not all_done.triggered:
             yield env.timeout(dt)
             for si, s in enumerate(stages):
                 shared = len(s.nodes) > 1 and s.nodes[0].queue is s.nodes[1].queue
-                total = np.zeros(6)
+                total = np.zeros(N_COLUMNS)
                 for nd in s.nodes:
                     busy = nd.busy_until(env.now)
                     key = (s.name, nd.index)
                     frac = (busy - last[key]) / dt
                     last[key] = busy
                     mem = (0, 0, 0)
+                    counts = np.zeros(N_COUNTS)     # kv hits, kv lookups, ids, misses, refilled rows
+                    split = (0, 0, 0)
                     if s.name in caches:
                         c = caches[s.name][nd.index]
                         mem = (c.used, c.pinned, c.expander.used if c.expander else 0)
-                    row = (0 if shared else len(nd.queue) + len(nd.pre_queue), nd.in_service, frac, *mem)
+                        cum = np.zeros(N_COUNTS)
+                        cum[:2] = c.counters.hits, c.counters.hits + c.counters.misses
+                        if hbm is not None:
+                            pool = hbm.pools[nd.index]
+                            e = pool.emb     # as of its last lookup (sampling changes nothing)
+                            cum[2:] = e.counters.ids, e.counters.misses, e.counters.refilled_rows
+                            split = (pool.emb_bytes, c.capacity, int(e.filled * e.row_bytes))
+                        counts = cum - prev.get(key, 0)
+                        prev[key] = cum
+                    row = np.array((0 if shared else len(nd.queue) + len(nd.pre_queue),
+                                    nd.in_service, frac, *mem, *split, *counts), float)
                     samples.append((env.now, si, nd.index, *row))
                     total += row
                 if shared:
@@ -184,17 +210,31 @@ def run_replication(scenario: sc.Scenario, index: int) -> Replication:
                 env.process(node_worker(env, s, nd))
     env.process(source(env))
     env.process(sampler(env))
+    if hbm is not None:
+        start_controllers(env, hbm)
     if n == 0:
         all_done.succeed()
     # An overloaded run may never drain: stop at twice the arrival span plus a minute.
     env.run(until=simpy.AnyOf(env, [all_done, env.timeout(2 * end_ms + 60_000)]))
 
-    ts = np.array(samples, dtype=float).reshape(-1, 9)
+    ts = np.array(samples, dtype=float).reshape(-1, 3 + N_COLUMNS)
     timeseries = {"time_ms": ts[:, 0], "stage": ts[:, 1].astype(np.int32),
                   "node": ts[:, 2].astype(np.int32), "queue_len": ts[:, 3].astype(np.int32),
                   "in_service": ts[:, 4].astype(np.int32), "busy_fraction": ts[:, 5],
                   "hbm_used_bytes": ts[:, 6].astype(np.int64), "hbm_pinned_bytes": ts[:, 7].astype(np.int64),
                   "dram_used_bytes": ts[:, 8].astype(np.int64)}
+    if relay is not None:
+        kv_hits, kv_lookups, ids, misses, refilled = (ts[:, 12 + k] for k in range(N_COUNTS))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            timeseries["kv_hit_rate"] = np.where(kv_lookups > 0, kv_hits / kv_lookups, np.nan)
+            if hbm is not None:
+                rb = hbm.emb_cfg.row_bytes
+                timeseries.update({
+                    "emb_bytes": ts[:, 9].astype(np.int64), "kv_capacity_bytes": ts[:, 10].astype(np.int64),
+                    "emb_filled_bytes": ts[:, 11].astype(np.int64),
+                    "emb_hit_rate": np.where(ids > 0, 1.0 - misses / ids, np.nan),
+                    "emb_miss_bytes": (misses * rb).astype(np.int64),
+                    "emb_refill_bytes": np.round(refilled * rb).astype(np.int64)})
     busy = {s.name: [(np.array(nd.busy_starts), _ends(nd, env.now)) for nd in s.nodes] for s in stages}
     return Replication(index, reqs, completion, recs, timeseries, busy, end_ms, float(env.now),
                        prep.extrapolated, relay)

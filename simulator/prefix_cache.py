@@ -5,6 +5,11 @@ reserved) until the ranking request that it was made for consumes it; pinned ent
 never evicted, so when pinned bytes fill the cache, admission fails. Unpinned entries are
 evicted in LRU order (or dropped when older than the TTL) to make room; an evicted entry
 goes to the DRAM expander if there is one, whose own LRU bound drops the oldest.
+
+Under an HBM pool (hbm_pool.py) the capacity moves at run time: `resize` shrinks it by
+evicting unpinned entries in LRU order, never below the pinned bytes, and grows it for
+free. A `GhostList` remembers recently evicted prefixes (ids and bytes only), so that a
+later reference to one tells how many more bytes would have kept it (`stack_depth`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ class PrefixCache:
     capacity: int
     ttl_ms: float | None = None
     expander: "DramTier | None" = None
+    ghost: "GhostList | None" = None
     entries: OrderedDict = field(default_factory=OrderedDict)   # LRU order: oldest first
     used: int = 0
     pinned: int = 0
@@ -70,6 +76,8 @@ class PrefixCache:
             self.counters.rejected += 1
             return None
         self._make_room(nbytes, now)
+        if self.ghost is not None:
+            self.ghost.forget(user)
         e = Entry(user, nbytes, ready=False, pins=1 if pin else 0, stamp_ms=now)
         self.entries[user] = e
         self.used += nbytes
@@ -98,6 +106,41 @@ class PrefixCache:
         if e.pins:
             self.pinned -= e.nbytes
 
+    def resize(self, capacity: int, now: float) -> int:
+        """Move the capacity to `capacity` bytes, evicting unpinned entries (LRU first) when
+        shrinking. Pinned bytes cannot be evicted, so the capacity stops at what remains in
+        use; returns the capacity reached (>= the one asked for)."""
+        if capacity < self.used:
+            victims, need = [], self.used - capacity
+            for u, e in self.entries.items():
+                if e.pins == 0:
+                    victims.append(u)
+                    need -= e.nbytes
+                    if need <= 0:
+                        break
+            for user in victims:
+                self._drop(user, expired=False)
+        self.capacity = max(int(capacity), self.used)
+        return self.capacity
+
+    def stack_depth(self, user: int) -> int | None:
+        """LRU stack depth of the user's prefix in bytes: the bytes of entries used more
+        recently, plus its own. A resident prefix (ready or pending) is at most `used` deep;
+        one in the ghost list lies beyond all resident bytes; None if neither holds it.
+        A cache of capacity c would have kept it iff its depth <= c (LRU inclusion)."""
+        e = self.entries.get(user)
+        if e is not None:
+            depth = 0
+            for u in reversed(self.entries):
+                depth += self.entries[u].nbytes
+                if u == user:
+                    return depth
+        if self.ghost is not None:
+            d = self.ghost.depth(user)
+            if d is not None:
+                return self.used + d
+        return None
+
     def _expired(self, e: Entry, now: float) -> bool:
         return self.ttl_ms is not None and now - e.stamp_ms > self.ttl_ms
 
@@ -121,6 +164,8 @@ class PrefixCache:
         else:
             self.counters.evictions += 1
             self.counters.evicted_bytes += e.nbytes
+            if self.ghost is not None and e.ready:
+                self.ghost.put(user, e.nbytes)
         if self.expander is not None and e.ready:
             self.expander.put(user, e.nbytes)
 
@@ -156,3 +201,38 @@ class DramTier:
             self.used -= nbytes
             self.hits += 1
         return nbytes
+
+
+@dataclass
+class GhostList:
+    """Ids and sizes of recently evicted prefixes, LRU within a byte bound (no data)."""
+
+    capacity: int
+    entries: OrderedDict = field(default_factory=OrderedDict)   # user -> nbytes, oldest first
+    used: int = 0
+
+    def put(self, user: int, nbytes: int) -> None:
+        self.forget(user)
+        if nbytes > self.capacity:
+            return
+        while self.used + nbytes > self.capacity:
+            _, old = self.entries.popitem(last=False)
+            self.used -= old
+        self.entries[user] = nbytes
+        self.used += nbytes
+
+    def forget(self, user: int) -> None:
+        nbytes = self.entries.pop(user, None)
+        if nbytes is not None:
+            self.used -= nbytes
+
+    def depth(self, user: int) -> int | None:
+        """Bytes evicted after the user's prefix, plus its own; None if not remembered."""
+        if user not in self.entries:
+            return None
+        depth = 0
+        for u in reversed(self.entries):
+            depth += self.entries[u]
+            if u == user:
+                return depth
+        return None

@@ -11,6 +11,14 @@ ranking request starts, the instance looks for the prefix: HBM hit -> `rank_cach
 `remote: fetch` -> network transfer + `rank_cached`; else `full_forward`. A pre-infer job
 whose ranking request started before it ran on the same instance is cancelled (wasted).
 A request's pin is released when its ranking starts, wherever that is.
+
+With an `hbm` block (hbm_pool.py) the prefix cache shares each device's HBM pool with the
+embedding cache: every ranking also embeds its ids (all L history tokens on a prefix miss,
+only the short-term tokens when the prefix is cached, plus the M candidates) and every
+pre-infer encode its L history tokens; the lookup's gather and missed-row copies add to
+the job's service time. The first time a request touches the prefix cache (its signal, or
+else its ranking) the prefix's LRU stack depth is recorded with the time a hit saves, for
+the partition controllers (partition.py).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import simpy
 
 from . import scenario as sc
 from .prefix_cache import DramTier, PrefixCache
+from .routing import make_cost_router
 from .service import GRPhases
 from .stage import Job, Node, Stage, serve
 
@@ -56,12 +65,22 @@ class Relay:
     prefix: np.ndarray               # per request: ranking outcome code
     pre: np.ndarray                  # per request: signal outcome code
     counters: PreInferCounters = field(default_factory=PreInferCounters)
+    hbm: object = None               # hbm_pool.Hbm when the scenario has an hbm block
+    route: object = None             # (user, L, M, now) -> Node; default: the stage's router
+    touched: np.ndarray | None = None   # per request: its prefix reference was recorded
+
+    def __post_init__(self):
+        self._medians: dict[tuple, float] = {}
+        if self.route is None:
+            pick = self.pick
+            self.route = lambda user, L, M, now: pick(user)
 
     # ------------------------------------------------------------------ signals
     def signal(self, env: simpy.Environment, rid: int, user: int, L: int, M: int) -> None:
         """The pre-infer signal for request rid reaches the ranking stage."""
-        node = self.pick(user)
+        node = self.route(user, L, M, env.now)
         cache = self.caches[node.index]
+        self._reference(node, rid, user, L, M)
         entry = cache.entries.get(user)
         if entry is not None:          # prefix resident or being computed: just pin it
             if entry.pins == 0:
@@ -82,7 +101,7 @@ class Relay:
         self.pre[rid] = ADMITTED
         self.counters.admitted += 1
         job = Job(rid, user, L, 0, env.now, None, kind=PRE_JOB)
-        job.pred_ms = self.phases.median("prefix_encode", L)
+        job.pred_ms = self.median("prefix_encode", L) + self._emb_expected(node, L)
         if self.cfg.queue == "fifo":
             node.submit(job)
         else:
@@ -98,7 +117,7 @@ class Relay:
             return True
         if isinstance(trig, sc.LengthTrigger):
             return L >= trig.min_history_len
-        predicted = self.backlog(node, now) + self.phases.median("full_forward", L, M)
+        predicted = self.backlog(node, now) + self.median("full_forward", L, M)
         return predicted > self.budget_ms
 
     def admissible(self, node: Node, cache: PrefixCache, nbytes: int) -> bool:
@@ -117,14 +136,46 @@ class Relay:
 
     # ------------------------------------------------------------------ ranking
     def submit_rank(self, job: Job) -> None:
-        node = self.pick(job.user)
-        cached = job.user in self.caches[node.index].entries
-        job.pred_ms = self.phases.median("rank_cached" if cached else "full_forward", job.L, job.M)
+        node = self.route(job.user, job.L, job.M, job.enqueued_ms)
+        job.pred_ms = self.expected_rank_ms(node, job.user, job.L, job.M)
         node.backlog_ms += job.pred_ms
         node.submit(job)
 
+    def median(self, name: str, L: int, M: int = 0) -> float:
+        """A phase's median time, memoised (predictions ask for the same shapes often)."""
+        key = (name, L, M)
+        t = self._medians.get(key)
+        if t is None:
+            t = self._medians[key] = self.phases.median(name, L, M)
+        return t
+
+    def expected_rank_ms(self, node: Node, user: int, L: int, M: int) -> float:
+        """Median ranking time on this node: cached if the user's prefix is in its HBM
+        (resident or being computed), else the full forward pass; under an HBM pool plus
+        the embedding lookups at the node's hit ratio."""
+        if user in self.caches[node.index].entries:
+            return self.median("rank_cached", L, M) + self._emb_expected(node, self._short(M))
+        return self.median("full_forward", L, M) + self._emb_expected(node, self._ids(L, M))
+
+    def expected_finish_ms(self, node: Node, user: int, L: int, M: int, now: float) -> float:
+        """The hbm_aware router's score: work ahead on the node plus this ranking there."""
+        return self.backlog(node, now) + self.expected_rank_ms(node, user, L, M)
+
     def rank_cost(self, job: Job, node: Node, now: float) -> float:
         """Decide how the ranking runs, apply the cache operations, return its time (ms)."""
+        L, M, rid = job.L, job.M, job.rid
+        self._reference(node, rid, job.user, L, M)
+        t = self._rank_path(job, node, now)
+        if self.hbm is not None:
+            outcome = self.prefix[rid]
+            if outcome != HIT:
+                self.hbm.pools[node.index].interval.kv_miss_ms += max(
+                    t - self.median("rank_cached", L, M), 0.0)
+            n = self._ids(L, M) if outcome in (MISS, PENDING) else self._short(M)
+            t += self.hbm.lookup(node.index, n, now, rid)
+        return t
+
+    def _rank_path(self, job: Job, node: Node, now: float) -> float:
         L, M, user, rid = job.L, job.M, job.user, job.rid
         cache = self.caches[node.index]
         self._release_pin(rid, user)
@@ -132,6 +183,8 @@ class Relay:
         if entry is not None and not entry.ready:     # its pre-infer has not run yet: drop it
             if entry.pins == 0:
                 cache.discard(user)
+                if self.cfg.cache.keep_full:
+                    self._keep(cache, user, L, now)
             self.prefix[rid] = PENDING
             cache.counters.misses += 1
             return self.phases.phase("full_forward", L, M)
@@ -159,12 +212,63 @@ class Relay:
                     fetch_ms = e.nbytes / (self.cfg.remote_gbps * 1e9) * 1e3
                     return fetch_ms + self.phases.phase("rank_cached", L, M)
         self.prefix[rid] = MISS
+        if self.cfg.cache.keep_full:
+            self._keep(cache, user, L, now)
         return self.phases.phase("full_forward", L, M)
+
+    def _keep(self, cache: PrefixCache, user: int, L: int, now: float) -> None:
+        """Keep the history KV a full forward pass computes (the device runs one job at a
+        time, so the entry is complete before anything else can look at it)."""
+        if user not in cache.entries and cache.reserve(user, self.phases.prefix_bytes(L), now,
+                                                       pin=False) is not None:
+            cache.fill(user, now)
+
+    def ranked(self, job: Job, node: Node, now: float) -> None:
+        """A ranking finished: the controllers count it against the stage budget."""
+        if self.hbm is not None:
+            it = self.hbm.pools[node.index].interval
+            it.rankings += 1
+            if now - job.enqueued_ms > self.budget_ms:
+                it.late += 1
+
+    # ------------------------------------------------------------------ HBM pool hooks
+    def _short(self, M: int) -> int:
+        """Ids a ranking with its prefix cached still embeds."""
+        return self.hbm.short_term + M * self.hbm.candidate_rows if self.hbm is not None else M
+
+    def _ids(self, L: int, M: int) -> int:
+        """Ids a ranking without its prefix embeds."""
+        return L + M * self.hbm.candidate_rows if self.hbm is not None else L + M
+
+    def _emb_expected(self, node: Node, n: int) -> float:
+        return self.hbm.expected_ms(node.index, n) if self.hbm is not None else 0.0
+
+    def _reference(self, node: Node, rid: int, user: int, L: int, M: int) -> None:
+        """Record the first reference of request rid to its prefix, for the controllers:
+        the LRU stack depth (None: neither resident nor in the ghost list) and what a hit
+        saves: the cheaper miss path (recompute with its L embeddings, or a DRAM reload)
+        minus the cached ranking."""
+        if self.touched is None or self.touched[rid]:
+            return
+        self.touched[rid] = True
+        cache = self.caches[node.index]
+        depth = cache.stack_depth(user)
+        if depth is None:
+            return
+        med = self.median
+        cached = med("rank_cached", L, M)
+        miss = med("full_forward", L, M) + self._emb_expected(node, self._ids(L, M))
+        if cache.expander is not None and cache.expander.capacity > 0 and self._reload_pays(L, M):
+            # an evicted prefix would wait in DRAM: the miss path is the reload
+            miss = min(miss, med("prefix_reload", L) + cached + self._emb_expected(node, self._short(M)))
+        saved = miss - cached - self._emb_expected(node, self._short(M))
+        if saved > 0:
+            self.hbm.pools[node.index].interval.kv_refs.append((depth, saved))
 
     def _reload_pays(self, L: int, M: int) -> bool:
         if self.cfg.expander.reload == "always":
             return True
-        med = self.phases.median
+        med = self.median
         return med("prefix_reload", L) + med("rank_cached", L, M) < med("full_forward", L, M)
 
     def _release_pin(self, rid: int, user: int) -> None:
@@ -185,10 +289,14 @@ class Relay:
         expander, L = cache.expander, job.L
         if expander is not None and job.user in expander.entries and (
                 self.cfg.expander.reload == "always"
-                or self.phases.median("prefix_reload", L) < self.phases.median("prefix_encode", L)):
+                or self.median("prefix_reload", L) < self.median("prefix_encode", L)):
             expander.take(job.user)
             return self.phases.phase("prefix_reload", L)
-        return self.phases.phase("prefix_encode", L)
+        t = self.phases.phase("prefix_encode", L)
+        if self.hbm is not None:
+            t += self.hbm.lookup(node.index, L, now)
+            self.hbm.pools[node.index].interval.kv_miss_ms += t
+        return t
 
     def pre_done(self, job: Job, node: Node, now: float) -> None:
         cache = self.caches[node.index]
@@ -221,19 +329,44 @@ def relay_worker(env: simpy.Environment, relay: Relay, node: Node):
             t = relay.rank_cost(job, node, start)
             yield from serve(env, node, 1, t)
             job.node, job.start_ms, job.service_ms, job.batch = node.index, start, t, 1
+            relay.ranked(job, node, env.now)
             job.done.succeed()
 
 
-def build_relay(scenario: sc.Scenario, stage: Stage, n_requests: int) -> Relay:
+def build_relay(scenario: sc.Scenario, stage: Stage, n_requests: int,
+                rng: np.random.Generator | None = None) -> Relay:
+    """The relay of a stage; with an `hbm` block its caches live in HBM pools (the
+    embedding misses are drawn from `rng`)."""
     cfg = scenario.relay
     budget = (cfg.trigger.budget_ms if isinstance(cfg.trigger, sc.SequenceAwareTrigger)
               and cfg.trigger.budget_ms else scenario.slo.stage_p99_ms.get(cfg.stage, scenario.slo.p99_ms))
     ttl = cfg.cache.ttl_s * 1000 if cfg.cache.policy == "ttl" else None
-    caches = [PrefixCache(cfg.cache.hbm_bytes, ttl,
+    caches = [PrefixCache(cfg.cache.hbm_bytes or 0, ttl,
                           DramTier(cfg.expander.dram_bytes) if cfg.expander.dram_bytes else None)
               for _ in stage.nodes]
     relay = Relay(cfg, stage, stage.service, caches, stage.pick, budget,
                   np.full(n_requests, -1, np.int32), np.zeros(n_requests, np.int8),
                   np.zeros(n_requests, np.int8))
+    if scenario.hbm is not None:
+        from .hbm_pool import Hbm
+        relay.hbm = Hbm(scenario, caches, _gather_curve(scenario), rng, n_requests)
+        if relay.hbm.adaptive:
+            relay.touched = np.zeros(n_requests, bool)
+    if scenario.stages[cfg.stage].router == "hbm_aware":
+        relay.route = make_cost_router(stage.nodes, relay.expected_finish_ms)
     stage.dispatch = relay.submit_rank
     return relay
+
+
+def _gather_curve(scenario: sc.Scenario):
+    """The cost table's emb_gather curve, or None (`embedding.gather: none`)."""
+    if scenario.embedding.gather == "none":
+        return None
+    from simrec.calibration.table import load_table
+    from .errors import InputError
+    service = scenario.stages[scenario.relay.stage].service
+    try:
+        return load_table(service.table).curve("emb_gather", "isolated")   # measured isolated only
+    except InputError as e:
+        raise InputError(f"{e.message}; set embedding.gather: none to leave the gather out",
+                         e.source, "embedding.gather") from None

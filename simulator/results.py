@@ -67,6 +67,8 @@ def replication_metrics(scenario: sc.Scenario, rep: Replication) -> dict:
                                     "nodes": per_node}
     if rep.relay is not None:
         out["relay"] = relay_metrics(rep, measured)
+        if rep.relay.hbm is not None:
+            out["hbm"] = hbm_metrics(rep, measured, cut)
     completed = np.isfinite(latency)
     out["throughput_rps"] = float(completed.sum() / window_ms * 1000.0)
     out["goodput_rps"] = float(ok.sum() / window_ms * 1000.0)
@@ -97,6 +99,36 @@ def relay_metrics(rep: Replication, measured: np.ndarray) -> dict:
         "dram": {"hits": sum(x.expander.hits for x in caches if x.expander),
                  "drops": sum(x.expander.drops for x in caches if x.expander)},
     }
+
+
+def hbm_metrics(rep: Replication, measured: np.ndarray, cut: float) -> dict:
+    """The HBM pool split and the embedding cache: rankings of measured requests for the
+    lookup figures, the measurement window for the boundary, the whole run for traffic."""
+    hbm = rep.relay.hbm
+    ids, misses = hbm.ids[measured], hbm.misses[measured]
+    lo, hi = cut, max(rep.end_ms, cut + 1e-9)
+    fractions = [time_average(p.boundary, lo, hi) / hbm.pool_bytes for p in hbm.pools]
+    rb = hbm.emb_cfg.row_bytes
+    return {
+        "emb_hit_rate": float(1.0 - misses.sum() / ids.sum()) if ids.sum() else float("nan"),
+        "emb_ms_mean": float(hbm.emb_ms[measured].mean()) if measured.any() else float("nan"),
+        "emb_fraction_mean": float(np.mean(fractions)),
+        "emb_fraction_min": float(np.min(fractions)),
+        "emb_fraction_max": float(np.max(fractions)),
+        "boundary_moves": int(sum(p.moves for p in hbm.pools)),
+        "emb_miss_bytes": int(sum(p.emb.counters.misses for p in hbm.pools) * rb),
+        "emb_refill_bytes": int(round(sum(p.emb.counters.refilled_rows for p in hbm.pools) * rb)),
+        "emb_dropped_bytes": int(round(sum(p.emb.counters.dropped_rows for p in hbm.pools) * rb)),
+        "gather_extrapolated": int(hbm.cost.extrapolated),
+    }
+
+
+def time_average(steps: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Time average over [lo, hi] of a step function given as (time, value) from time 0."""
+    t = np.array([x for x, _ in steps] + [np.inf])
+    v = np.array([y for _, y in steps], float)
+    span = np.clip(np.minimum(t[1:], hi) - np.maximum(t[:-1], lo), 0, None)
+    return float((span * v).sum() / (hi - lo))
 
 
 def settling_warning(scenario: sc.Scenario, reps: list[Replication]) -> str | None:
@@ -246,8 +278,14 @@ def requests_table(scenario: sc.Scenario, reps: list[Replication]) -> pa.Table:
             cols[f"{name}_batch"] = rec.batch
             cols[f"{name}_hop_ms"] = rec.hop_ms
         if rep.relay is not None:
-            cols[f"{rep.relay.stage.name}_prefix"] = _labels(rep.relay.prefix, PREFIX_OUTCOMES)
+            name = rep.relay.stage.name
+            cols[f"{name}_prefix"] = _labels(rep.relay.prefix, PREFIX_OUTCOMES)
             cols["pre_infer"] = _labels(rep.relay.pre, PRE_OUTCOMES)
+            if rep.relay.hbm is not None:
+                hbm = rep.relay.hbm
+                cols[f"{name}_emb_ids"] = hbm.ids
+                cols[f"{name}_emb_misses"] = hbm.misses
+                cols[f"{name}_emb_ms"] = hbm.emb_ms
         parts.append(pa.table(cols))
     return pa.concat_tables(parts)
 
@@ -257,18 +295,26 @@ def _labels(codes: np.ndarray, names: dict[int, str]) -> pa.DictionaryArray:
                                           pa.array([names[k] for k in sorted(names)]))
 
 
+RELAY_COLUMNS = ["kv_hit_rate"]
+HBM_COLUMNS = ["emb_bytes", "kv_capacity_bytes", "emb_filled_bytes", "emb_hit_rate",
+               "emb_miss_bytes", "emb_refill_bytes"]
+
+
 def timeseries_table(scenario: sc.Scenario, reps: list[Replication]) -> pa.Table:
     names = list(scenario.stages)
     parts = []
     for rep in reps:
         ts = rep.timeseries
         n = len(ts["time_ms"])
-        parts.append(pa.table({
+        cols = {
             "replication": np.full(n, rep.index, np.int32),
             "time_ms": ts["time_ms"],
             "stage": pa.array([names[i] for i in ts["stage"]], pa.string()),
             "node": ts["node"], "queue_len": ts["queue_len"], "in_service": ts["in_service"],
             "busy_fraction": ts["busy_fraction"], "hbm_used_bytes": ts["hbm_used_bytes"],
             "hbm_pinned_bytes": ts["hbm_pinned_bytes"], "dram_used_bytes": ts["dram_used_bytes"],
-        }))
+        }
+        # Relay runs: the interval's prefix hit rate; HBM pools: the split and the EMB cache.
+        cols.update({k: v for k, v in ts.items() if k in RELAY_COLUMNS + HBM_COLUMNS})
+        parts.append(pa.table(cols))
     return pa.concat_tables(parts)

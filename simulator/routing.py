@@ -4,6 +4,11 @@ A router is a function `pick(user) -> Node`. Affinity routers hash the user id o
 consistent-hash ring with virtual nodes, so a user's pre-infer signal and its ranking
 request meet on the same instance; the fallback variant leaves the ring when the home
 instance is overloaded. Ties between equally loaded nodes go to the lowest index.
+
+`hbm_aware` (HELM's EMB/KV-aware routing) needs the relay's cache state, so the relay
+installs it with `make_cost_router`: the node with the least expected finish time, i.e.
+its predicted backlog plus this ranking's predicted time there, which is short where the
+user's prefix is resident and where the embedding hit ratio is high. Until the relay installs it (and for anything but the relay) it is least-loaded.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def make_picker(kind: str, nodes: list, rng: np.random.Generator, virtual_nodes:
             state["next"] = (i + 1) % n
             return nodes[i]
         return round_robin
-    if kind == "least_loaded":
+    if kind in ("least_loaded", "hbm_aware"):
         return lambda user: min(nodes, key=load)
     if kind in ("affinity", "affinity_fallback"):
         ring = HashRing(n, virtual_nodes)
@@ -80,3 +85,15 @@ def make_picker(kind: str, nodes: list, rng: np.random.Generator, virtual_nodes:
             return min(nodes[a], nodes[b], key=load)
         return power_of_two
     raise ValueError(kind)
+
+
+def make_cost_router(nodes: list, cost: Callable) -> Callable:
+    """route(user, L, M, now) -> the node of least cost(node, user, L, M, now)."""
+    def hbm_aware(user: int, L: int, M: int, now: float):
+        best, best_cost = nodes[0], cost(nodes[0], user, L, M, now)
+        for nd in nodes[1:]:
+            c = cost(nd, user, L, M, now)
+            if c < best_cost:
+                best, best_cost = nd, c
+        return best
+    return hbm_aware

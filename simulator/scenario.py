@@ -7,6 +7,7 @@ against the scenario file's folder by the loader before validation.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
@@ -276,9 +277,12 @@ class Batching(Strict):
 class Stage(Strict):
     nodes: NodePool = NodePool()
     router: Literal["shared", "delay", "random", "round_robin", "least_loaded", "power_of_two",
-                    "affinity", "affinity_fallback"] = Field(
+                    "affinity", "affinity_fallback", "hbm_aware"] = Field(
         "round_robin", description="per-node queues picked by this policy; `shared`: one FIFO "
-                                   "queue for all nodes (M/M/c); `delay`: no queue, infinite servers")
+                                   "queue for all nodes (M/M/c); `delay`: no queue, infinite servers; "
+                                   "`hbm_aware` (relay stage only): the node with the least expected "
+                                   "finish time, counting its backlog, whether it holds the user's "
+                                   "prefix and its embedding hit ratio")
     affinity: Affinity = Affinity()
     queue: Literal["fifo"] = "fifo"
     batch: Batching = Batching()
@@ -316,9 +320,14 @@ Trigger = Annotated[Union[NoTrigger, AllTrigger, LengthTrigger, SequenceAwareTri
 
 
 class PrefixCacheConfig(Strict):
-    hbm_bytes: PositiveInt = Field(description="HBM for prefix KV per instance")
+    hbm_bytes: PositiveInt | None = Field(
+        None, description="HBM for prefix KV per instance; required without an `hbm` block, "
+                          "forbidden with one (the KV side is then the pool minus the EMB side)")
     policy: Literal["lru", "ttl"] = "lru"
     ttl_s: PositiveFloat = 3600.0
+    keep_full: bool = Field(
+        False, description="a ranking that ran the full forward pass keeps the history KV it "
+                           "computed (unpinned), for the user's next request")
 
 
 class Expander(Strict):
@@ -340,6 +349,132 @@ class Relay(Strict):
     remote: Literal["recompute", "fetch"] = Field(
         "recompute", description="a prefix held by another instance: recompute, or fetch it")
     remote_gbps: PositiveFloat = 12.5
+
+
+# ---------------------------------------------------------------- HBM pool (HELM)
+class DriftStep(Strict):
+    """From start_s on, popularity turns over at turnover_per_s: that fraction of the
+    embedding rows a device holds stops being hot each second (trend regime)."""
+
+    start_s: NonNegFloat
+    turnover_per_s: NonNegFloat
+
+
+class Embedding(Strict):
+    """The ranking model's embedding lookups, served from the HBM embedding cache (EMB).
+
+    A ranking request looks up one row per history token it has to encode (all L on a
+    prefix miss, only `short_term_tokens` when its prefix KV is cached) and
+    `candidate_rows` per candidate; a pre-infer job looks up its L history rows. Item ids follow a Zipf
+    popularity over `items`, drifting as `drift` says. A missed row is copied host ->
+    device on the critical path at `miss_gbps`.
+    """
+
+    items: PositiveInt = Field(100_000_000, description="item catalogue size (embedding rows)")
+    zipf_s: Annotated[float, Field(ge=0, le=3)] = 0.9
+    row_bytes: PositiveInt = Field(4096, description="embedding bytes one token looks up (all its features)")
+    short_term_tokens: Annotated[int, Field(ge=0)] = Field(
+        32, description="tokens a request with a cached prefix still embeds (the H100 table's model: 32)")
+    candidate_rows: PositiveInt = Field(
+        1, description="rows each candidate looks up (its id and side features, e.g. author, "
+                       "category), all drawn from the same popularity")
+    drift: list[DriftStep] = Field(
+        [], description="popularity turnover schedule (trend regime); empty: steady popularity")
+    miss_gbps: PositiveFloat | None = Field(
+        None, description="effective host -> device rate for scattered missed rows; "
+                          "default: the device's host link")
+    miss_latency_us: NonNegFloat = Field(0.0, description="fixed cost of a lookup that misses at all")
+    gather: Literal["table", "none"] = Field(
+        "table", description="per-lookup gather cost from the cost table's emb_gather phase, or none")
+
+    @model_validator(mode="after")
+    def _sorted(self):
+        starts = [d.start_s for d in self.drift]
+        if starts and (starts != sorted(starts) or len(set(starts)) != len(starts)):
+            raise ValueError("drift: steps need strictly increasing start_s")
+        return self
+
+
+class Bounds(Strict):
+    """Where an adaptive controller starts, how far it may move the boundary, and how long
+    it lets the caches warm up (an empty KV side shows no reuse yet) before it moves."""
+
+    start_emb_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
+    min_emb_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    max_emb_fraction: Annotated[float, Field(ge=0, le=1)] = 1.0
+    hold_s: NonNegFloat = 5.0
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.min_emb_fraction <= self.start_emb_fraction <= self.max_emb_fraction:
+            raise ValueError(f"need min_emb_fraction <= start_emb_fraction <= max_emb_fraction "
+                             f"(got {self.min_emb_fraction}, {self.start_emb_fraction}, "
+                             f"{self.max_emb_fraction})")
+        return self
+
+
+class StaticPartition(Strict):
+    kind: Literal["static"]
+    emb_fraction: Annotated[float, Field(ge=0, le=1)] = Field(description="share of the pool for EMB")
+
+
+class MarginalPartition(Bounds):
+    """Hill-climbing: every interval, move step_fraction of the pool to the side whose next
+    bytes would save the most time (EMB: the Che curve's slope at the observed hit ratio;
+    KV: reuses observed just beyond the capacity, from a ghost list of evicted prefixes),
+    if that beats what the other side loses. The step doubles for every interval in a row
+    whose ranking SLO misses exceed slo_miss_target."""
+
+    kind: Literal["marginal"]
+    interval_ms: PositiveFloat = 1000.0
+    step_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.02
+    memory: Annotated[float, Field(ge=0, lt=1)] = Field(0.5, description="weight of past intervals (EWMA)")
+    slo_miss_target: Annotated[float, Field(ge=0, le=1)] = 0.01
+
+
+class MissCurvePartition(Bounds):
+    """Jump to the best split: every interval, rebuild both caches' saved-time curves over
+    the whole range of splits (EMB from the Che curve, KV from the reuse depths of recent
+    prefix references and the ghost list) and move the boundary to the split that
+    minimises the predicted miss time, by at most max_step_fraction. It moves only for a
+    predicted gain over min_gain of the time at stake, unless the interval missed its SLO
+    (more than slo_miss_target of rankings over budget), when any gain will do."""
+
+    kind: Literal["miss_curve"]
+    interval_ms: PositiveFloat = 250.0
+    max_step_fraction: Annotated[float, Field(gt=0, le=1)] = 0.25
+    memory: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    min_gain: Annotated[float, Field(ge=0)] = 0.02
+    slo_miss_target: Annotated[float, Field(ge=0, le=1)] = 0.01
+
+
+Partition = Annotated[Union[StaticPartition, MarginalPartition, MissCurvePartition],
+                      Field(discriminator="kind")]
+
+
+class Resize(Strict):
+    emb_refill_gbps: PositiveFloat = Field(
+        8.0, description="growing EMB refills its new rows asynchronously at this rate")
+
+
+class Hbm(Strict):
+    """One HBM pool per device of the relay stage: weights, an activation reserve, and the
+    rest split between the embedding cache (EMB) and the prefix KV cache."""
+
+    weights_bytes: Annotated[int, Field(ge=0)]
+    activation_reserve_bytes: Annotated[int, Field(ge=0)]
+    partition: Partition
+    resize: Resize = Resize()
+    ghost_fraction: Annotated[float, Field(ge=0, le=4)] = Field(
+        1.0, description="adaptive controllers: bytes of evicted prefixes remembered, as a "
+                         "fraction of the pool (how far beyond the KV side they can see reuse)")
+
+    def bounds(self) -> tuple[float, float, float]:
+        """(start, min, max) EMB fraction of the pool."""
+        p = self.partition
+        if isinstance(p, StaticPartition):
+            return p.emb_fraction, p.emb_fraction, p.emb_fraction
+        return p.start_emb_fraction, p.min_emb_fraction, p.max_emb_fraction
 
 
 class SLO(Strict):
@@ -379,6 +514,8 @@ class Scenario(Strict):
     stages: dict[str, Stage] = Field(min_length=1)
     slo: SLO
     relay: Relay | None = None
+    hbm: Hbm | None = None
+    embedding: Embedding | None = None
     run: RunControl = RunControl()
 
     @model_validator(mode="after")
@@ -404,6 +541,11 @@ class Scenario(Strict):
                              "never be reached; give run.duration_s instead")
         if self.relay is not None:
             self._check_relay(self.relay)
+        for name, stage in self.stages.items():
+            if stage.router == "hbm_aware" and (self.relay is None or self.relay.stage != name):
+                raise ValueError(f"stages.{name}.router: hbm_aware routes a relay stage "
+                                 f"(needs a relay block with stage {name!r})")
+        self._check_hbm()
         return self
 
     def _check_relay(self, relay: Relay) -> None:
@@ -424,14 +566,99 @@ class Scenario(Strict):
             raise ValueError(f"relay.signal_after: must be 'arrival' or a stage before "
                              f"{relay.stage!r} ({', '.join(before) or 'none'}), got {relay.signal_after!r}")
         device = self.device(stage.nodes.device)
-        if relay.cache.hbm_bytes > device.hbm_bytes:
+        if relay.cache.hbm_bytes is None and self.hbm is None:
+            raise ValueError("relay.cache.hbm_bytes: required (or give an hbm block, whose pool "
+                             "sets the KV side)")
+        if relay.cache.hbm_bytes is not None and self.hbm is not None:
+            raise ValueError("relay.cache.hbm_bytes: must not be set with an hbm block (the KV "
+                             "side is the pool minus the EMB side)")
+        if relay.cache.hbm_bytes is not None and relay.cache.hbm_bytes > device.hbm_bytes:
             raise ValueError(f"relay.cache.hbm_bytes: {relay.cache.hbm_bytes} exceeds the "
                              f"{device.name} HBM ({device.hbm_bytes} bytes)")
         if relay.expander.dram_bytes > device.host_dram_bytes:
             raise ValueError(f"relay.expander.dram_bytes: {relay.expander.dram_bytes} exceeds the "
                              f"host DRAM ({device.host_dram_bytes} bytes)")
 
+    def _check_hbm(self) -> None:
+        hbm, emb = self.hbm, self.embedding
+        if hbm is None and emb is None:
+            return
+        if hbm is None:
+            raise ValueError("embedding: needs an hbm block (the embedding cache lives in its pool)")
+        if emb is None:
+            raise ValueError("hbm: needs an embedding block (what the EMB side caches)")
+        if self.relay is None:
+            raise ValueError("hbm: needs a relay block (the KV side is the relay's prefix cache)")
+        stage = self.stages[self.relay.stage]
+        device = self.device(stage.nodes.device)
+        fixed = hbm.weights_bytes + hbm.activation_reserve_bytes
+        if fixed >= device.hbm_bytes:
+            raise ValueError(f"hbm.weights_bytes: weights ({hbm.weights_bytes}) + activation reserve "
+                             f"({hbm.activation_reserve_bytes}) leave no pool in the "
+                             f"{device.name} HBM ({device.hbm_bytes} bytes)")
+        pool = device.hbm_bytes - fixed
+        _, lo, _ = hbm.bounds()
+        if emb.gather == "table" and stage.service.kind != "gr":
+            raise ValueError("embedding.gather: 'table' needs a gr service on the relay stage "
+                             "(its table's emb_gather phase); use 'none'")
+        longest = _longest_history(self.workload)
+        kv_per_token = _kv_bytes_per_token(stage.service)
+        if longest is not None and kv_per_token is not None:
+            need = longest * kv_per_token
+            kv_max = int(pool - lo * pool)
+            if need > kv_max:
+                field = ("emb_fraction" if isinstance(hbm.partition, StaticPartition)
+                         else "min_emb_fraction")
+                raise ValueError(
+                    f"hbm.partition.{field}: the largest KV side ({kv_max / 1e9:.3g} GB of a "
+                    f"{pool / 1e9:.3g} GB pool) cannot hold one prefix of the longest history "
+                    f"({longest} tokens x {kv_per_token} B = {need / 1e9:.3g} GB)")
+
     def device(self, name: str) -> DeviceSpec:
         if name in self.devices:
             return self.devices[name]
         return DeviceSpec(**PRESETS[name])
+
+
+def _longest_history(workload: Workload) -> int | None:
+    """The longest history a workload can generate, where the scenario bounds it."""
+    users = workload.users
+    if isinstance(workload.arrivals, TraceArrivals):
+        return None
+    if users.max_history_len is not None:
+        return users.max_history_len
+    dist = users.history_len
+    if isinstance(dist, ConstantDist):
+        return max(int(round(dist.value)), users.min_history_len)
+    if isinstance(dist, UniformDist):
+        return max(int(round(dist.high)), users.min_history_len)
+    if isinstance(dist, EmpiricalDist):
+        return max(int(round(max(dist.values))), users.min_history_len)
+    return None
+
+
+def _kv_bytes_per_token(service) -> int | None:
+    """Prefix KV bytes per token as the relay will use them, if known without running:
+    the service's own field, the roofline model's shape, or the cost table's manifest."""
+    if getattr(service, "kv_bytes_per_token", None):
+        return service.kv_bytes_per_token
+    if isinstance(service, RooflineService):
+        m = service.model
+        return m.layers * 2 * m.d_model * m.dtype_bytes
+    if isinstance(service, GRService):
+        return _manifest_kv_bytes(service.table)
+    return None
+
+
+@lru_cache(maxsize=64)
+def _manifest_kv_bytes(table: str) -> int | None:
+    """kv_bytes_per_token from a table's manifest; None if it cannot be read here (the run's
+    table loader then reports the table problem itself)."""
+    import json
+
+    from simrec.calibration.table import resolve
+    try:
+        value = json.loads(resolve(table).read_text()).get("model", {}).get("kv_bytes_per_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None

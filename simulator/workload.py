@@ -151,7 +151,12 @@ def session_arrivals(workload: sc.Workload, run: sc.RunControl, users: UserPopul
     lead = 10 * (ses.mean_requests - 1) * ses.mean_gap_s
     horizon = run.duration_s if run.duration_s is not None else 1.3 * run.requests / workload.rate_qps
     while True:
-        starts = arrival_times_s(workload.arrivals, rate, rng, lead + horizon, None) - lead
+        # Sessions that started before 0 arrive at the process's rate at time 0; from 0 on,
+        # session starts follow the arrival process itself (time-varying rates stay in place).
+        rate0 = float(rate_at(workload.arrivals, rate, np.zeros(1))[0]) if isinstance(
+            workload.arrivals, (sc.DiurnalArrivals, sc.PiecewiseArrivals)) else rate
+        before = _poisson_until(rng, rate0, lead) - lead if rate0 > 0 and lead > 0 else np.empty(0)
+        starts = np.concatenate([before, arrival_times_s(workload.arrivals, rate, rng, horizon, None)])
         sizes = rng.geometric(1 / ses.mean_requests, len(starts))
         owner = users.pick(rng, len(starts))
         first_of = np.cumsum(sizes) - sizes                       # index of each session's first

@@ -362,3 +362,19 @@ def test_piecewise_arrivals_with_count_property(case, seed, count):
     assert len(t) == count
     assert np.all(np.diff(t) >= 0) and np.all(t >= 0)
     assert np.all(workload.rate_at(arr, rate, t) > 0)
+
+
+def test_sessions_keep_a_rate_step_in_place():
+    # Regression: session starts before t = 0 once shifted a time-varying rate earlier.
+    from simrec.loader import validate
+    sc_ = validate({"name": "x", "workload": {
+        "rate_qps": 100, "arrivals": {"kind": "piecewise", "steps": [{"start_s": 0, "factor": 1},
+                                                                       {"start_s": 20, "factor": 4}]},
+        "users": {"count": 1000, "sessions": {"mean_requests": 3, "mean_gap_s": 1}}},
+        "stages": {"a": {"service": {"kind": "constant", "ms": 1}}}, "slo": {"p99_ms": 10},
+        "run": {"duration_s": 40}})
+    t = workload.generate(sc_.workload, sc_.run, rng(3)).arrival_ms / 1000
+    before, after = np.sum((t > 10) & (t < 18)), np.sum((t > 30) & (t < 38))
+    # 8 s at 100/s vs 8 s at 400/s. Requests come in sessions of K ~ Geometric(1/3), so the
+    # count's variance is n E[K^2]/E[K] = 5n (cluster process): 4 sigma = 4 sqrt(5 n).
+    assert abs(before - 800) < 4 * np.sqrt(5 * 800) and abs(after - 3200) < 4 * np.sqrt(5 * 3200)
