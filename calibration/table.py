@@ -59,11 +59,15 @@ class PhaseCurve:
     log_ms: np.ndarray           # shape (len(history_len), len(candidates), len(quantiles))
     _memo: dict = field(default_factory=dict, repr=False)
 
-    def contains(self, L: float, M: float) -> bool:
-        return all(_inside(v, g) for v, g in ((L, self.history_len), (M, self.candidates)))
+    def outside(self, L: np.ndarray, M: np.ndarray) -> np.ndarray:
+        """Which of these shapes lie outside the grid (a single-value axis never limits)."""
+        return ~(_within(np.asarray(L), self.history_len) & _within(np.asarray(M), self.candidates))
 
-    def quantile_ms(self, L: float, M: float) -> np.ndarray:
-        """Interpolated quantile curve (ms) at shape (L, M); extrapolates linearly in log-log."""
+    def contains(self, L: float, M: float) -> bool:
+        return not self.outside([L], [M])[0]
+
+    def _log_curve(self, L: float, M: float) -> np.ndarray:
+        """log(ms) at each recorded quantile for shape (L, M), memoised per shape."""
         key = (L, M)
         hit = self._memo.get(key)
         if hit is None:
@@ -71,8 +75,12 @@ class PhaseCurve:
             wm = _weights(M, self.candidates)
             logs = sum(a * b * self.log_ms[i, j] for i, a in wl for j, b in wm)
             # Keep the curve monotone in the quantile after extrapolation.
-            hit = self._memo[key] = np.exp(np.maximum.accumulate(logs))
+            hit = self._memo[key] = np.maximum.accumulate(logs)
         return hit
+
+    def quantile_ms(self, L: float, M: float) -> np.ndarray:
+        """Interpolated quantile curve (ms) at shape (L, M); extrapolates linearly in log-log."""
+        return np.exp(self._log_curve(L, M))
 
     def median_ms(self, L: float, M: float) -> float:
         return float(np.interp(0.5, self.quantiles, self.quantile_ms(L, M)))
@@ -83,10 +91,10 @@ class PhaseCurve:
         Between recorded quantiles the time is interpolated in log space; beyond the
         outermost recorded quantiles the distribution is truncated at them.
         """
-        q = self.quantile_ms(L, M)
-        if len(q) == 1:
-            return float(q[0])
-        return float(np.exp(np.interp(u, self.quantiles, np.log(q))))
+        logs = self._log_curve(L, M)
+        if len(logs) == 1:
+            return float(np.exp(logs[0]))
+        return float(np.exp(np.interp(u, self.quantiles, logs)))
 
 
 @dataclass
@@ -202,8 +210,8 @@ def build_curves(frame: pd.DataFrame, path: Path) -> dict[tuple[str, str], Phase
     return curves
 
 
-def _inside(v: float, grid: np.ndarray) -> bool:
-    return len(grid) == 1 or grid[0] <= v <= grid[-1]
+def _within(v: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    return np.ones(len(v), bool) if len(grid) == 1 else (v >= grid[0]) & (v <= grid[-1])
 
 
 def _weights(v: float, grid: np.ndarray) -> list[tuple[int, float]]:

@@ -338,6 +338,17 @@ class TableIdle(_Drawn):
         return curve.sample_ms(L, M, self.rng.uniform())
 
 
+def _tagged(costs, kind: str, cost_fn: Callable) -> Callable:
+    """Wrap a relay cost decision so the cost model knows which job it is pricing."""
+    def tagged(job, node, now):
+        costs.current = (kind, job.rid)
+        try:
+            return cost_fn(job, node, now)
+        finally:
+            costs.current = None
+    return tagged
+
+
 @contextlib.contextmanager
 def _ranking_costs(make: Callable):
     """Inside the block, every replication that cascade.prepare builds gets its ranking
@@ -352,22 +363,8 @@ def _ranking_costs(make: Callable):
         relay = prep.relay
         if relay is not None:
             relay.phases = costs
-            rank_cost, pre_cost = relay.rank_cost, relay.pre_cost
-
-            def rank(job, node, now):
-                costs.current = ("rank", job.rid)
-                try:
-                    return rank_cost(job, node, now)
-                finally:
-                    costs.current = None
-
-            def pre(job, node, now):
-                costs.current = ("pre", job.rid)
-                try:
-                    return pre_cost(job, node, now)
-                finally:
-                    costs.current = None
-            relay.rank_cost, relay.pre_cost = rank, pre
+            relay.rank_cost = _tagged(costs, "rank", relay.rank_cost)
+            relay.pre_cost = _tagged(costs, "pre", relay.pre_cost)
         return prep
 
     cascade.prepare = prepare

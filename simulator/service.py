@@ -61,7 +61,7 @@ class FromDistribution:
 
 
 class FromTable:
-    """Draws from a measured phase curve at the job's shape."""
+    """Draws from a measured phase curve at the job's shape (a `table` service)."""
 
     def __init__(self, curve, rng: np.random.Generator, extrapolate: bool, where: str):
         self.curve = curve
@@ -70,15 +70,7 @@ class FromTable:
         self.where = where
 
     def check(self, L: np.ndarray, M: np.ndarray) -> int:
-        """How many of these shapes lie outside the grid; an error unless extrapolation is on."""
-        outside = ~(_within(L, self.curve.history_len) & _within(M, self.curve.candidates))
-        if outside.any() and not self.extrapolate:
-            i = int(np.argmax(outside))
-            raise InputError(
-                f"shape L={L[i]} M={M[i]} is outside the table grid (L {_span(self.curve.history_len)}, "
-                f"M {_span(self.curve.candidates)}); set extrapolate: true or bound the workload",
-                None, self.where)
-        return int(outside.sum())
+        return check_shapes(self.curve, L, M, self.extrapolate, self.where)
 
     def sample(self, L: int, M: int) -> float:
         return self.curve.sample_ms(L, M, self._u.next())
@@ -100,7 +92,7 @@ class GRPhases:
             self.curves = {p: table.curve(p, condition) for p in phases}
         except InputError as e:
             raise InputError(e.message, e.source, where) from None
-        self.checks = {p: FromTable(c, rng, extrapolate, where) for p, c in self.curves.items()}
+        self.extrapolate, self.where = extrapolate, where
         self._u = Draws(rng, lambda r, n: r.uniform(0, 1, n))
         self.kv_bytes_per_token = kv_bytes_per_token or table.manifest.model.get("kv_bytes_per_token")
         if relay and not self.kv_bytes_per_token:
@@ -109,8 +101,9 @@ class GRPhases:
 
     def check(self, L: np.ndarray, M: np.ndarray) -> int:
         zeros = np.zeros_like(M)
-        return max(c.check(L, zeros if p in ("prefix_encode", "prefix_reload") else M)
-                   for p, c in self.checks.items())
+        return max(check_shapes(c, L, zeros if p in ("prefix_encode", "prefix_reload") else M,
+                                self.extrapolate, self.where)
+                   for p, c in self.curves.items())
 
     def sample(self, L: int, M: int) -> float:
         return self.curves["full_forward"].sample_ms(L, M, self._u.next())
@@ -125,8 +118,16 @@ class GRPhases:
         return int(L * self.kv_bytes_per_token)
 
 
-def _within(v: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    return np.ones(len(v), bool) if len(grid) == 1 else (v >= grid[0]) & (v <= grid[-1])
+def check_shapes(curve, L: np.ndarray, M: np.ndarray, extrapolate: bool, where: str) -> int:
+    """How many of these shapes lie outside the curve's grid; an error unless extrapolation is on."""
+    outside = curve.outside(L, M)
+    if outside.any() and not extrapolate:
+        i = int(np.argmax(outside))
+        raise InputError(
+            f"shape L={L[i]} M={M[i]} is outside the table grid (L {_span(curve.history_len)}, "
+            f"M {_span(curve.candidates)}); set extrapolate: true or bound the workload",
+            None, where)
+    return int(outside.sum())
 
 
 def _span(grid) -> str:

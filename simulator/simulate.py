@@ -18,20 +18,21 @@ def simulate(scenario: Scenario, progress: Callable[[int, int], None] | None = N
     `run.max_replications` is reached. `progress(done, planned)` is called after each.
     """
     run = scenario.run
-    reps = []
+    reps, p99s = [], []
     planned = run.replications
     while len(reps) < planned:
         reps.append(run_replication(scenario, len(reps)))
         if progress is not None:
             progress(len(reps), planned)
-        if (run.p99_halfwidth_rel is not None and len(reps) == planned
-                and planned < run.max_replications and not _precise(scenario, reps)):
-            planned += 1
+        if run.p99_halfwidth_rel is not None:
+            p99s.append(replication_metrics(scenario, reps[-1])["e2e"]["p99_ms"])
+            if len(reps) == planned and planned < run.max_replications and not _precise(p99s, run):
+                planned += 1
     return summarise(scenario, reps)
 
 
-def _precise(scenario: Scenario, reps: list) -> bool:
-    p99 = interval([replication_metrics(scenario, r)["e2e"]["p99_ms"] for r in reps])
+def _precise(p99s: list[float], run) -> bool:
+    p99 = interval(p99s)
     if p99["lo"] is None or not p99["mean"]:
         return False
-    return (p99["hi"] - p99["lo"]) / 2 <= scenario.run.p99_halfwidth_rel * p99["mean"]
+    return (p99["hi"] - p99["lo"]) / 2 <= run.p99_halfwidth_rel * p99["mean"]
