@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gr_models import GRModel, GRSpec, build_model, self_check, suffix_mask
+from .gr_models import GRModel, GRSpec, Phases, build_model, self_check, suffix_mask
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 TABLE_COLUMNS = ("phase", "condition", "history_len", "candidates", "quantile", "time_ms", "n_samples")
@@ -50,6 +50,11 @@ M_PHASES = ("emb_gather", "retrieval_score", "prerank_mlp")   # shape (0, M)
 PHASES = ("prefix_encode", "rank_cached", "full_forward", "prefix_reload",
           "emb_gather", "retrieval_score", "prerank_mlp")
 CONDITIONS = ("isolated", "idle_gap", "busy", "cache_pressure")
+
+GRAPHS_NOTE = ("The GR phases (prefix_encode, rank_cached, full_forward) run as one CUDA graph per "
+               "shape (gr_models.Phases): each call copies its inputs into the graph's static "
+               "buffers (rank_cached: the cached K/V too) and replays it; prefix_encode clones the "
+               "K/V out. No torch.compile.")
 
 CONDITION_NOTES = {
     "isolated": "back-to-back: each call is issued as soon as the previous one has finished "
@@ -307,6 +312,7 @@ class Config:
     busy_gemm: int
     kernels: bool
     seed: int
+    graphs: bool = False
 
 
 class Bench:
@@ -318,6 +324,7 @@ class Bench:
         self.rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.model: GRModel = build_model(cfg.spec, self.dev, cfg.seed)
+        self.phases = Phases(self.model, cfg.graphs)
         self.clock = Clock(self.dev)
         self.rows: list[tuple] = []
         self.kernel_rows: list[tuple] = []
@@ -350,7 +357,7 @@ class Bench:
 
     # -- phase setups: the cells of one phase under one condition, sharing per-L / per-M inputs
     def cells(self, phase: str, condition: str) -> list[Cell]:
-        sp, m = self.spec, self.model
+        sp, m, ph = self.spec, self.model, self.phases
         s, d, esize = sp.short_term_tokens, sp.d_model, self.dtype.itemsize
         per_L: dict[int, list] = {}
         per_M: dict[int, list] = {}
@@ -381,11 +388,11 @@ class Bench:
         out = []
         for L, M in self.shapes(phase):
             if phase == "prefix_encode":
-                fn, inputs = m.encode_prefix, [(h,) for h in hist(L)]
+                fn, inputs = ph.encode, [(h,) for h in hist(L)]
             elif phase == "full_forward":
-                fn, inputs = m.full_forward, combine(hist(L), suffix(M), lambda h, x: (h, *x))
+                fn, inputs = ph.full, combine(hist(L), suffix(M), lambda h, x: (h, *x))
             elif phase == "rank_cached":
-                fn, inputs = m.rank_cached, combine(kv(L), suffix(M), lambda c, x: (c, *x))
+                fn, inputs = ph.rank, combine(kv(L), suffix(M), lambda c, x: (c, *x))
             elif phase == "prefix_reload":
                 shape = m.new_kv(1, L, "meta").shape
                 dst = torch.empty(shape, device=self.dev, dtype=self.dtype)
@@ -471,6 +478,13 @@ class Bench:
         if check["cached_vs_full"] > tol or check["candidate_leak"] > tol:
             raise RuntimeError(f"model self-check failed: {check}")
         self.info["self_check"] = check
+        if cfg.graphs:
+            L0, M0 = min(cfg.history_lens), min(cfg.candidates)
+            err = self.phases.check(L0, M0, self.dev)
+            print(f"CUDA graphs vs eager at L={L0} M={M0}: max relative difference {err:.2e}", flush=True)
+            if err > tol:
+                raise RuntimeError(f"CUDA-graph phases disagree with the eager model: {err}")
+            self.info["graphs_vs_eager"] = err
         self.info["host_probe_start"] = host_probe()
         print(f"host probe (pure-Python loop): {self.info['host_probe_start']}", flush=True)
         self.preflight()
@@ -640,7 +654,7 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
     conds = {c: conds[c] for c in CONDITIONS if c in conds}
     model = {**cfg.spec.to_dict(), "emb_rows": cfg.emb_rows, "emb_dim": cfg.emb_dim,
              "corpus_items": cfg.corpus_items, "retrieval_dim": cfg.retrieval_dim,
-             "prerank_mlp": bench.prerank_dims, "batch": 1}
+             "prerank_mlp": bench.prerank_dims, "batch": 1, "cuda_graphs": cfg.graphs}
     manifest = {
         "format_version": 1,
         "name": name,
@@ -674,7 +688,7 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
                 "L,head_dim] tensor from pinned host memory (on a CPU device: a plain memcpy). "
                 "emb_gather is F.embedding of M random ids; retrieval_score is corpus @ user then "
                 "torch.topk(K=candidates); prerank_mlp is the MLP in model.prerank_mlp over K "
-                "rows. Eager PyTorch, no CUDA graphs, no torch.compile."),
+                "rows. " + (GRAPHS_NOTE if cfg.graphs else "Eager PyTorch, no CUDA graphs, no torch.compile.")),
             "conditions": conds,
             "phases_per_condition": {"isolated": list(PHASES),
                                      **{c: list(LM_PHASES) for c in cfg.conditions if c != "isolated"}},
@@ -791,6 +805,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--no-kernels", action="store_true")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cuda-graphs", action="store_true",
+                   help="run the GR phases as CUDA graphs, one per shape (cuda only)")
     args = p.parse_args(argv)
     if args.summary is None and args.out is None:
         p.error("--out is required (or --summary DIR)")
@@ -813,6 +829,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
     cuda = device.type == "cuda"
+    if a.cuda_graphs and not cuda:
+        raise SystemExit("--cuda-graphs needs --device cuda")
     spec = GRSpec(arch=a.arch, layers=a.layers, d_model=a.d_model, heads=a.heads, ffn=a.ffn,
                   dtype=a.dtype or ("bfloat16" if cuda else "float32"), short_term_tokens=a.short_term)
     conds = [c.strip() for c in a.conditions.split(",") if c.strip()]
@@ -832,7 +850,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
         emb_rows=a.emb_rows or (1_000_000 if cuda else 200_000), emb_dim=a.emb_dim,
         corpus_items=a.corpus or (1_000_000 if cuda else 100_000), retrieval_dim=a.retrieval_dim,
         prerank_hidden=a.prerank_hidden, gap_ms=a.gap_ms, pressure_frac=a.pressure_frac,
-        pressure_cap_bytes=cap * 2**30, busy_gemm=a.busy_gemm, kernels=not a.no_kernels, seed=a.seed)
+        pressure_cap_bytes=cap * 2**30, busy_gemm=a.busy_gemm, kernels=not a.no_kernels, seed=a.seed,
+        graphs=a.cuda_graphs)
 
 
 def main(argv=None) -> int:

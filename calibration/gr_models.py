@@ -186,12 +186,13 @@ class GRModel(nn.Module):
         self.final_norm = nn.LayerNorm(spec.d_model)
         self.head = nn.Linear(spec.d_model, 1)
         self._masks: dict[tuple, torch.Tensor] = {}
+        self.mask_cache_limit: int | None = 8   # None: keep all (CUDA graphs hold their addresses)
 
     def _mask(self, n: int, s: int, m: int, device) -> torch.Tensor:
         key = (n, s, m, str(device))
         mask = self._masks.get(key)
         if mask is None:
-            if len(self._masks) >= 8:
+            if self.mask_cache_limit is not None and len(self._masks) >= self.mask_cache_limit:
                 self._masks.pop(next(iter(self._masks)))
             mask = self._masks[key] = suffix_mask(n, s, m, device)
         return mask
@@ -277,3 +278,81 @@ def self_check(model: GRModel, device, L: int = 48, M: int = 6) -> dict[str, flo
     if not all(math.isfinite(x) for x in (rel, leak, changed)):
         raise RuntimeError(f"model self-check produced non-finite values: {rel=} {leak=}")
     return {"cached_vs_full": rel, "candidate_leak": leak, "changed_candidate_delta": changed}
+
+
+class Phases:
+    """The three serving phases of one model, run eagerly or as one CUDA graph per shape.
+
+    Eager PyTorch issues ~25 kernels per layer from Python, so a small model is bound by
+    the host's launch rate (and its hiccups) rather than by the GPU. With ``graphs=True``
+    each (phase, L, M) shape is captured once as a CUDA graph on first use, and a call
+    copies its inputs into that graph's static buffers and replays it: the GPU's time, plus
+    a few launches. ``encode`` returns a fresh K/V tensor (the cache entry, not the graph's
+    buffer); ``rank`` copies the cached K/V into the graph's buffer first. The benchmark
+    (bench.py) and the testbed (testbed.py) both call through this class, so a table and a
+    testbed run time the same code path.
+    """
+
+    def __init__(self, model: GRModel, graphs: bool = False):
+        self.model = model
+        self.graphs = graphs
+        if graphs:
+            model.mask_cache_limit = None
+        self._captured: dict[tuple, tuple] = {}
+
+    def _graph(self, key: tuple, fn, *example: torch.Tensor):
+        """(graph, static inputs, static output) for key, captured on first use."""
+        got = self._captured.get(key)
+        if got is None:
+            static = [x.clone() for x in example]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):          # warm-up off the capture (kernel choice, masks)
+                for _ in range(3):
+                    fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = fn(*static)
+            got = self._captured[key] = (g, static, out)
+        return got
+
+    def _replay(self, key: tuple, fn, *inputs: torch.Tensor) -> torch.Tensor:
+        g, static, out = self._graph(key, fn, *inputs)
+        for s, x in zip(static, inputs):
+            s.copy_(x, non_blocking=True)
+        g.replay()
+        return out
+
+    def full(self, history, short_term, candidates) -> torch.Tensor:
+        if not self.graphs:
+            return self.model.full_forward(history, short_term, candidates)
+        key = ("full", history.shape[1], candidates.shape[1])
+        return self._replay(key, self.model.full_forward, history, short_term, candidates)
+
+    def encode(self, history) -> torch.Tensor:
+        if not self.graphs:
+            return self.model.encode_prefix(history)
+        return self._replay(("encode", history.shape[1]), self.model.encode_prefix, history).clone()
+
+    def rank(self, kv, short_term, candidates) -> torch.Tensor:
+        if not self.graphs:
+            return self.model.rank_cached(kv, short_term, candidates)
+        key = ("rank", kv.shape[4], candidates.shape[1])
+        return self._replay(key, self.model.rank_cached, kv, short_term, candidates)
+
+    def check(self, L: int, M: int, device) -> float:
+        """Largest relative difference between these phases and the eager model on fresh
+        inputs at (L, M), after the shape's graphs were captured on other inputs: proves the
+        static buffers really carry each call's inputs. 0 when eager."""
+        sp = self.model.spec
+        worst = 0.0
+        with torch.inference_mode():
+            for _ in range(2):   # the first call captures, the second replays on new inputs
+                h, s, c = (torch.randn(1, t, sp.d_model, device=device, dtype=sp.torch_dtype)
+                           for t in (L, sp.short_term_tokens, M))
+                ref = self.model.full_forward(h, s, c).float()
+                for got in (self.full(h, s, c), self.rank(self.encode(h), s, c)):
+                    worst = max(worst, ((got.float() - ref).norm() / ref.norm()).item())
+        return worst
+

@@ -73,7 +73,7 @@ import pandas as pd
 import torch
 import yaml
 
-from .gr_models import GRModel, GRSpec, build_model
+from .gr_models import GRModel, GRSpec, Phases, build_model
 
 POLICIES = ("full", "relay")
 RANK, PRE = 0, 1
@@ -167,9 +167,10 @@ class Server:
     """The model and its pre-allocated inputs; one call = one job, device synchronised."""
 
     def __init__(self, spec: GRSpec, device: torch.device, history_lens, candidates: int,
-                 sets: int = 4, seed: int = 0):
+                 sets: int = 4, seed: int = 0, graphs: bool = False):
         self.spec, self.device = spec, device
         self.model: GRModel = build_model(spec, device, seed)
+        self.phases = Phases(self.model, graphs)
         g = torch.Generator(device="cpu").manual_seed(seed + 1)
 
         def tokens(t):
@@ -187,14 +188,14 @@ class Server:
 
     def full(self, user: int, L: int) -> None:
         k = user % self.sets
-        self.model.full_forward(self.hist[L][k], self.short[k], self.cand[k])
+        self.phases.full(self.hist[L][k], self.short[k], self.cand[k])
 
     def encode(self, user: int, L: int) -> torch.Tensor:
-        return self.model.encode_prefix(self.hist[L][user % self.sets])
+        return self.phases.encode(self.hist[L][user % self.sets])
 
     def rank(self, kv: torch.Tensor, user: int) -> None:
         k = user % self.sets
-        self.model.rank_cached(kv, self.short[k], self.cand[k])
+        self.phases.rank(kv, self.short[k], self.cand[k])
 
     def warm_up(self, calls: int = 10) -> float:
         """Run every shape a few times (kernel selection, allocator, caches). Returns seconds."""
@@ -577,7 +578,7 @@ def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads:
                pilot_s: float = 4.0, pilot_load: float = 0.5, deadline: float | None = None,
                min_requests: int = 5000, tags: list[str] | None = None,
                pack_to: Path | None = None, warmup_frac: float = 0.1,
-               log=print) -> list[Path]:
+               seconds: list[float] | None = None, log=print) -> list[Path]:
     """Serve one run per load (utilisation target) with one model instance.
 
     `policy` is one policy for all runs, or one per run (e.g. the same relay policy with
@@ -585,7 +586,8 @@ def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads:
     where the busy time per request is measured by a short open-loop pilot of the first
     run's policy at `pilot_load` of the table's estimate. With a `deadline` (time.time()
     seconds) run lengths are scaled down, not below `min_requests`, so that the series ends
-    before it.
+    before it. With `seconds` (one per load) a run's request count is its rate x its seconds
+    instead of `requests`.
     """
     policies = list(policy) if isinstance(policy, (list, tuple)) else [policy] * len(loads)
     if len(policies) != len(loads) or len(requests) != len(loads) or (rates and len(rates) != len(loads)):
@@ -596,8 +598,10 @@ def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads:
     check_grid(base, manifest)
     spec = spec_from_manifest(manifest)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    server = Server(spec, dev, base.history_lens, base.candidates, seed=manifest.get("method", {}).get("seed", 0))
-    log(f"testbed: {policy.kind} on {_device_name(dev)}; model {spec}; warm-up "
+    graphs = bool(manifest["model"].get("cuda_graphs", False))
+    server = Server(spec, dev, base.history_lens, base.candidates,
+                    seed=manifest.get("method", {}).get("seed", 0), graphs=graphs)
+    log(f"testbed: {policy.kind} on {_device_name(dev)}; model {spec}, cuda graphs {graphs}; warm-up "
         f"{server.warm_up():.1f}s")
     plan: dict = {"policies": [asdict(p) for p in policies], "loads": list(loads)}
     if rates is None:
@@ -622,6 +626,8 @@ def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads:
             f"{busy:.3f} ms busy/request (x{busy / est:.2f}), utilisation {s['utilisation']:.3f}; "
             f"planned work per request (steady-state job mix) {work} ms")
     plan["rates_qps"] = [round(r, 3) for r in rates]
+    if seconds is not None:
+        requests = [max(1, int(s * r)) for s, r in zip(seconds, rates)]
     if deadline is not None:
         left = deadline - time.time() - 5.0 - 3.0 * len(loads)   # write/pack margin per run
         need = sum(n / r + base.lead_ms / 1000 for n, r in zip(requests, rates))
@@ -678,10 +684,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--table", type=Path, required=True, help="cost table folder (the model is read from it)")
     p.add_argument("--out", type=Path, required=True, help="folder that receives one folder per run")
-    p.add_argument("--policy", choices=POLICIES, default="full")
+    p.add_argument("--policy", default="full",
+                   help=f"one of {', '.join(POLICIES)}; or one per load, comma-separated")
     p.add_argument("--loads", type=_floats, default=[0.3, 0.6, 0.85],
                    help="target utilisations, one run each")
     p.add_argument("--requests", type=_ints, default=None, help="requests per run (one, or one per load)")
+    p.add_argument("--seconds", type=_floats, default=None,
+                   help="instead of --requests: seconds of arrivals per run (one, or one per load)")
     p.add_argument("--rates", type=_floats, default=None, help="arrival rates (req/s) instead of a pilot")
     p.add_argument("--tags", default=None, help="comma-separated suffixes of the run names")
     p.add_argument("--device", default=None)
@@ -708,6 +717,11 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     requests = a.requests or [30_000]
+    seconds = a.seconds
+    if seconds is not None:
+        seconds = seconds * len(a.loads) if len(seconds) == 1 else seconds
+        if len(seconds) != len(a.loads):
+            raise SystemExit("--seconds needs one value, or one per load")
     if len(requests) == 1:
         requests = requests * len(a.loads)
     if len(requests) != len(a.loads) or (a.rates and len(a.rates) != len(a.loads)):
@@ -721,9 +735,14 @@ def main(argv=None) -> int:
     caches = a.cache_mib * len(a.loads) if len(a.cache_mib) == 1 else a.cache_mib
     if len(caches) != len(a.loads):
         raise SystemExit("--cache-mib needs one value, or one per load")
-    policies = [Policy(a.policy, a.threshold, int(c * 2**20)) for c in caches]
+    kinds = a.policy.split(",")
+    kinds = kinds * len(a.loads) if len(kinds) == 1 else kinds
+    if len(kinds) != len(a.loads):
+        raise SystemExit("--policy needs one value, or one per load")
+    policies = [Policy(k, a.threshold, int(c * 2**20)) for k, c in zip(kinds, caches)]
     run_series(a.table, a.out, policies, a.loads, requests, base, a.device, a.rates, a.pilot_s,
                deadline=a.deadline, min_requests=a.min_requests, tags=tags, pack_to=a.pack_to,
+               seconds=seconds,
                log=lambda s: print(s, flush=True))
     return 0
 
