@@ -445,8 +445,8 @@ def write_run(result: RunResult, folder: Path, name: str, workload: Workload, po
     """Write jobs.parquet, trace.parquet, scenario.yaml and meta.json into folder/name."""
     out = folder / name
     out.mkdir(parents=True, exist_ok=True)
-    result.jobs.to_parquet(out / "jobs.parquet", index=False)
-    result.trace.to_parquet(out / "trace.parquet", index=False)
+    result.jobs.to_parquet(out / "jobs.parquet", index=False, compression="zstd")
+    result.trace.to_parquet(out / "trace.parquet", index=False, compression="zstd")
     arrivals = result.trace["arrival_ms"].to_numpy()
     warmup_s = float(arrivals[int(len(arrivals) * warmup_frac)]) / 1000.0 if len(arrivals) else 0.0
     table_ref = os.path.relpath(Path(table_dir).resolve(), out.resolve())

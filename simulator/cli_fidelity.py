@@ -5,6 +5,7 @@ Torch is imported only inside `testbed`, so `simrec --help` works without it.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -103,8 +104,10 @@ def fidelity(
     fit_run: Optional[str] = typer.Option(None, help="run the correction is fitted on "
                                                      "(default: the relay run nearest 60% load)"),
     sources: Optional[str] = typer.Option(None, help="comma-separated subset of: replay, replay_kernel, "
-                                                     "table, table_idle, ratio_iid, corrected_iid, corrected"),
+                                                     "table, table_idle, ratio_iid, levels_temporal, "
+                                                     "additive_iid, additive_temporal, corrected"),
     bootstrap: int = typer.Option(1000, min=100, help="block-bootstrap resamples for measured CIs"),
+    jobs: int = typer.Option(0, min=0, help="processes, one run each at a time (0: one per core)"),
 ):
     """Compare simulated with measured ranking latency of testbed runs (simrec's error).
 
@@ -129,7 +132,8 @@ def fidelity(
                       TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("loading runs")
             report = fid.run_fidelity(runs, out, str(table) if table else None, replications, fit_run,
-                                      chosen, bootstrap, lambda s: bar.update(task, description=s))
+                                      chosen, bootstrap, lambda s: bar.update(task, description=f"{s} done"),
+                                      jobs or os.cpu_count() or 1)
     except InputError as e:
         _fail(e)
     main = tuple(s for s in fid.MAIN_SOURCES if s in chosen) or chosen

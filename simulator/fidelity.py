@@ -57,13 +57,17 @@ from .scenario import Scenario
 from .simulate import simulate
 
 STAGE = "ranking"
-SOURCES = ("replay", "replay_kernel", "table", "table_idle", "ratio_iid", "corrected_iid", "corrected")
-CORRECTIONS = {"ratio_iid": dict(levels=False, temporal=False),
-               "corrected_iid": dict(levels=True, temporal=False),
-               "corrected": dict(levels=True, temporal=True)}
+SOURCES = ("replay", "replay_kernel", "table", "table_idle", "ratio_iid", "levels_temporal", "additive_iid",
+           "additive_temporal", "corrected")
+CORRECTIONS = {"ratio_iid": dict(levels=False),
+               "levels_temporal": dict(levels=True, temporal=True),
+               "additive_iid": dict(levels=False, additive=True),
+               "additive_temporal": dict(levels=False, additive=True, temporal=True),
+               "corrected": dict(levels=False, additive=True, by_gap=True)}
 MAIN_SOURCES = ("replay", "table", "corrected")
 METRICS = ("p50", "p90", "p99", "mean")
 IDLE_MS = 0.5                          # table_idle: idle at least this long -> idle_gap curve
+GAP_BINS_MS = (0.5, 2.0, 5.0, 20.0)    # corrected: bins of the idle gap that began the busy period
 
 
 # ----------------------------------------------------------------------------- runs
@@ -234,35 +238,55 @@ class Replay(_Costs):
 class Correction:
     """In-serving correction of a table, fitted on one run.
 
-    time = base(phase, L, M) x eps. With `levels` (the in-serving host time of each phase,
-    from the fit run) base = max(level, isolated median): eager serving is launch-bound,
-    so a job takes the host's in-serving time unless its GPU work (the isolated time of a
-    GPU-bound shape) is longer. Without levels base = isolated median (a plain ratio).
-    eps are the fit run's residuals busy / base: drawn i.i.d. per phase, or (`temporal`)
-    time-indexed: a job starting at simulated time t takes the residual of the fit run's
-    job that started nearest to (t + offset) mod the fit run's span, the offset drawn per
-    replication, so host stalls keep the clustering they had in the fit run."""
+    time = base(phase, L, M) x eps, or base + eps (`additive`). base is the table's
+    isolated median, or with `levels` (the in-serving host time of each phase, from the
+    fit run) max(level, isolated median): eager serving is launch-bound, so a job takes
+    the host's in-serving time unless its GPU work is longer. eps are the fit run's
+    residuals of busy = device time + the host's time before the job: busy / base, or
+    busy - base when additive (a per-job cost that does not grow with L: launches, input
+    copies, wake-up, cache bookkeeping; graphed serving shows one). They are drawn i.i.d.
+    per phase; with `by_gap` per phase and bin (GAP_BINS_MS) of the idle gap that began the
+    job's busy period (a GPU that idled longer runs the next jobs slower: clocks and
+    caches ramp up again); or (`temporal`) time-indexed: a job starting at simulated time t
+    takes the residual of the fit run's job of the same phase that started next after
+    (t + offset) mod the fit run's span, the offset drawn per replication, so host stalls keep the clustering
+    they had in the fit run. Pools of fewer than MIN_POOL residuals fall back to the
+    phase's."""
+
+    MIN_POOL = 100
+
 
     fit_run: str
     levels: dict[str, float] | None
-    pools: dict[str, np.ndarray]            # phase -> sorted residuals
-    starts_ms: np.ndarray                   # fit run's job starts, ascending
-    eps: np.ndarray                         # their residuals, in that order
+    pools: dict[str, np.ndarray]            # "*", phase, "phase|gap bin" -> sorted residuals
+    starts_ms: dict[str, np.ndarray]        # pools' keys -> fit run's job starts, ascending
+    eps: dict[str, np.ndarray]              # their residuals, in that order
     temporal: bool = False
+    additive: bool = False
+    by_gap: bool = False
 
-    def base(self, phase: str, iso_ms: float) -> float:
-        return iso_ms if self.levels is None else max(self.levels[phase], iso_ms)
+    @property
+    def span_ms(self) -> float:
+        return float(self.starts_ms["*"][-1])
 
-    def draw(self, phase: str, now_ms: float, offset_ms: float, u: float) -> float:
+    def time(self, phase: str, iso_ms: float, eps: float) -> float:
+        base = iso_ms if self.levels is None else max(self.levels[phase], iso_ms)
+        return max(base + eps, 1e-6) if self.additive else base * eps
+
+    def draw(self, phase: str, now_ms: float, offset_ms: float, u: float, gap_ms: float = math.inf) -> float:
+        key = f"{phase}|{gap_bin(gap_ms)}" if self.by_gap else phase
+        if len(self.pools.get(key, ())) < self.MIN_POOL:
+            key = phase if phase in self.pools else "*"
         if self.temporal:
-            span = float(self.starts_ms[-1])
-            i = int(np.searchsorted(self.starts_ms, (now_ms + offset_ms) % span))
-            return float(self.eps[min(i, len(self.eps) - 1)])
-        pool = self.pools.get(phase, self.pools["*"])
+            starts, eps = self.starts_ms[key], self.eps[key]
+            i = int(np.searchsorted(starts, (now_ms + offset_ms) % self.span_ms))
+            return float(eps[min(i, len(eps) - 1)])
+        pool = self.pools[key]
         return float(np.quantile(pool, u))
 
     def summary(self) -> dict:
-        out = {"fit_run": self.fit_run, "temporal": self.temporal,
+        out = {"fit_run": self.fit_run, "temporal": self.temporal, "additive": self.additive,
+               "by_gap": self.by_gap,
                "levels_ms": None if self.levels is None else {k: round(v, 4) for k, v in self.levels.items()},
                "residuals": {}}
         for p, v in sorted(self.pools.items()):
@@ -272,13 +296,20 @@ class Correction:
         return out
 
 
-def fit_correction(run: Run, levels: bool = True, temporal: bool = False) -> Correction:
+def gap_bin(gap_ms: float) -> int:
+    return int(np.searchsorted(GAP_BINS_MS, gap_ms, side="right"))
+
+
+def fit_correction(run: Run, levels: bool = True, temporal: bool = False,
+                   additive: bool = False, by_gap: bool = False) -> Correction:
     """Fit on one run, after its warm-up. A phase's level is the median busy time of its
     jobs at host-bound shapes (isolated median within 20% of the phase's smallest on the
     grid); the residuals are busy / base for every job."""
     from simrec.calibration.table import load_table
     table = load_table(run.scenario.stages[STAGE].service.table)
     j = run.ran()
+    idle = j["idle_ms"].to_numpy()
+    j["gap_ms"] = pd.Series(np.where(idle > 0, idle, np.nan)).ffill().to_numpy()
     cut = (run.scenario.run.warmup_s or 0.0) * 1000.0
     signal = run.trace["arrival_ms"].to_numpy()[j["request_id"].to_numpy()]
     j = j[(signal >= cut) & (j["phase"] != "")].reset_index(drop=True)
@@ -295,11 +326,18 @@ def fit_correction(run: Run, levels: bool = True, temporal: bool = False) -> Cor
             host = (phases == p) & (iso <= 1.2 * floor)
             lv[p] = float(np.median(busy[host] if host.any() else busy[phases == p]))
     base = np.array([iso[k] if lv is None else max(lv[p], iso[k]) for k, p in enumerate(phases)])
-    eps = busy / base
+    eps = busy - base if additive else busy / base
     pools = {"*": np.sort(eps), **{p: np.sort(eps[phases == p]) for p in np.unique(phases)}}
-    order = np.argsort(j["start_ms"].to_numpy())
-    starts = j["start_ms"].to_numpy()[order]
-    return Correction(run.name, lv, pools, starts - starts[0], eps[order], temporal)
+    key = np.array([f"{p}|{gap_bin(g)}" for p, g in zip(phases, j["gap_ms"])])
+    pools.update({k: np.sort(eps[key == k]) for k in np.unique(key)})
+    start = j["start_ms"].to_numpy() - j["start_ms"].min()
+    groups = {"*": np.ones(len(eps), bool), **{p: phases == p for p in np.unique(phases)},
+              **{k: key == k for k in np.unique(key)}}
+    starts, seqs = {}, {}
+    for k, sel in groups.items():          # per group: residuals in the order the jobs started
+        order = np.argsort(start[sel])
+        starts[k], seqs[k] = start[sel][order], eps[sel][order]
+    return Correction(run.name, lv, pools, starts, seqs, temporal, additive, by_gap)
 
 
 class _Drawn(_Costs):
@@ -318,12 +356,16 @@ class Corrected(_Drawn):
     def __init__(self, base, env, node, rng, correction: Correction):
         super().__init__(base, env, node, rng)
         self.correction = correction
-        self.offset_ms = float(rng.uniform(0, correction.starts_ms[-1]))
+        self.offset_ms = float(rng.uniform(0, correction.span_ms))
+        self.gap_ms = math.inf          # the idle gap that began the current busy period
 
     def phase(self, name: str, L: int, M: int = 0) -> float:
         c = self.correction
-        return (c.base(name, self.base.median(name, L, M))
-                * c.draw(name, self.env.now, self.offset_ms, self.rng.uniform()))
+        idle = self.idle_ms()
+        if idle > 0:
+            self.gap_ms = idle
+        return c.time(name, self.base.median(name, L, M),
+                      c.draw(name, self.env.now, self.offset_ms, self.rng.uniform(), self.gap_ms))
 
 
 class TableIdle(_Drawn):
@@ -459,8 +501,9 @@ def reused(run: Run) -> np.ndarray:
 
 def compare(runs: list[Run], replications: int = 5, fit_run: str | None = None,
             sources: tuple[str, ...] = SOURCES, n_boot: int = 1000,
-            progress: Callable[[str], None] | None = None) -> "FidelityReport":
-    """Simulate every run with every source and tabulate errors against the measurements."""
+            progress: Callable[[str], None] | None = None, jobs: int = 1) -> "FidelityReport":
+    """Simulate every run with every source and tabulate errors against the measurements.
+    Runs are independent: with jobs > 1 they are compared in that many processes."""
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise InputError(f"run names must be unique (got {names})")
@@ -468,50 +511,67 @@ def compare(runs: list[Run], replications: int = 5, fit_run: str | None = None,
     if any(s in CORRECTIONS for s in sources):
         fit = pick_fit_run(runs, fit_run)
         corrections = {s: fit_correction(fit, **CORRECTIONS[s]) for s in sources if s in CORRECTIONS}
+    args = [(run, sources, replications, corrections, n_boot) for run in runs]
     rows, curves, detail = [], {}, {}
-    for run in runs:
-        meas = measured_figures(run, n_boot)
-        warm = run.warm()
-        measured_lat = run.ranking()["latency_ms"].to_numpy()
-        detail[run.name] = {"block": meas["block"], "n": meas["n"], "utilisation": meas["utilisation"],
-                            "overhead_ms": meas["overhead_ms"], "ci": meas["ci"],
-                            "in_serving_levels_ms": fit_correction(run).levels, "sources": {}}
-        curves[run.name] = {"measured": measured_lat[warm]}
-        for source in sources:
+    with contextlib.ExitStack() as stack:
+        if jobs > 1 and len(runs) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            pool = stack.enter_context(ProcessPoolExecutor(min(jobs, len(runs))))
+            results = pool.map(_compare_run, *zip(*args))
+        else:
+            results = (_compare_run(*a) for a in args)
+        for run, (r, c, d) in zip(runs, results):     # in run order: the output does not depend on jobs
+            rows += r
+            curves[run.name], detail[run.name] = c, d
             if progress:
-                progress(f"{run.name}: {source}")
-            out = simulate_source(run, source, replications, corrections.get(source))
-            per = [describe(x[warm]) for x in out.latency]
-            if out.prefix is not None:
-                for d, p, u in zip(per, out.prefix, out.reused):
-                    d["hit_rate"] = float((p[warm] == "hit").mean())
-                    d["reuse_rate"] = float(u[warm].mean())
-            curves[run.name][source] = out.latency[0][warm]
-            info = dict(out.checks)
-            if source.startswith("replay"):
-                diff = out.latency[0] - measured_lat
-                info.update({"max_abs_diff_ms": float(np.max(np.abs(diff))),
-                             "mean_diff_ms": float(np.mean(diff)),
-                             "within_1us": float(np.mean(np.abs(diff) <= 1e-3))})
-                if out.prefix is not None:
-                    info["outcome_mismatch"] = int((out.prefix[0] != run.ranking()["outcome"].to_numpy()).sum())
-                    info["reuse_mismatch"] = int((out.reused[0] != reused(run)).sum())
-            detail[run.name]["sources"][source] = info
-            in_sample = source in CORRECTIONS and corrections[source].fit_run == run.name
-            for metric, value in meas["figures"].items():
-                sims = np.array([d[metric] for d in per])
-                lo, hi = meas["ci"].get(metric, (math.nan, math.nan))
-                rows.append({"run": run.name, "policy": run.policy,
-                             "target_load": run.meta.get("target_load"),
-                             "utilisation": round(meas["utilisation"], 4), "requests": meas["n"],
-                             "source": source, "in_sample": in_sample, "metric": metric,
-                             "measured": value, "measured_lo": lo, "measured_hi": hi,
-                             "simulated": float(sims.mean()),
-                             "sim_sd": float(sims.std(ddof=1)) if len(sims) > 1 else 0.0,
-                             "error": float(sims.mean() / value - 1) if value else math.nan,
-                             "inside_ci": bool(lo <= sims.mean() <= hi) if metric in METRICS else None})
+                progress(run.name)
     return FidelityReport(pd.DataFrame(rows), curves, detail,
                           {k: c.summary() for k, c in corrections.items()}, replications)
+
+
+def _compare_run(run: Run, sources: tuple[str, ...], replications: int, corrections: dict,
+                 n_boot: int) -> tuple[list[dict], dict, dict]:
+    """One run: its measured figures, then every source's simulation of it."""
+    meas = measured_figures(run, n_boot)
+    warm = run.warm()
+    measured_lat = run.ranking()["latency_ms"].to_numpy()
+    detail = {"block": meas["block"], "n": meas["n"], "utilisation": meas["utilisation"],
+              "overhead_ms": meas["overhead_ms"], "ci": meas["ci"],
+              "in_serving_levels_ms": fit_correction(run).levels, "sources": {}}
+    curves = {"measured": measured_lat[warm]}
+    rows = []
+    for source in sources:
+        out = simulate_source(run, source, replications, corrections.get(source))
+        per = [describe(x[warm]) for x in out.latency]
+        if out.prefix is not None:
+            for d, p, u in zip(per, out.prefix, out.reused):
+                d["hit_rate"] = float((p[warm] == "hit").mean())
+                d["reuse_rate"] = float(u[warm].mean())
+        curves[source] = out.latency[0][warm]
+        info = dict(out.checks)
+        if source.startswith("replay"):
+            diff = out.latency[0] - measured_lat
+            info.update({"max_abs_diff_ms": float(np.max(np.abs(diff))),
+                         "mean_diff_ms": float(np.mean(diff)),
+                         "within_1us": float(np.mean(np.abs(diff) <= 1e-3))})
+            if out.prefix is not None:
+                info["outcome_mismatch"] = int((out.prefix[0] != run.ranking()["outcome"].to_numpy()).sum())
+                info["reuse_mismatch"] = int((out.reused[0] != reused(run)).sum())
+        detail["sources"][source] = info
+        in_sample = source in CORRECTIONS and corrections[source].fit_run == run.name
+        for metric, value in meas["figures"].items():
+            sims = np.array([d[metric] for d in per])
+            lo, hi = meas["ci"].get(metric, (math.nan, math.nan))
+            rows.append({"run": run.name, "policy": run.policy,
+                         "target_load": run.meta.get("target_load"),
+                         "utilisation": round(meas["utilisation"], 4), "requests": meas["n"],
+                         "source": source, "in_sample": in_sample, "metric": metric,
+                         "measured": value, "measured_lo": lo, "measured_hi": hi,
+                         "simulated": float(sims.mean()),
+                         "sim_sd": float(sims.std(ddof=1)) if len(sims) > 1 else 0.0,
+                         "error": float(sims.mean() / value - 1) if value else math.nan,
+                         "inside_ci": bool(lo <= sims.mean() <= hi) if metric in METRICS else None})
+    return rows, curves, detail
 
 
 def pick_fit_run(runs: list[Run], name: str | None) -> Run:
@@ -637,10 +697,10 @@ def _json(o):
 def run_fidelity(paths: list[Path], out: Path | None = None, table: str | None = None,
                  replications: int = 5, fit_run: str | None = None,
                  sources: tuple[str, ...] = SOURCES, n_boot: int = 1000,
-                 progress: Callable[[str], None] | None = None) -> FidelityReport:
+                 progress: Callable[[str], None] | None = None, jobs: int = 1) -> FidelityReport:
     """Load the runs, compare, and (with `out`) write fidelity.{csv,md,json,png}."""
     runs = [load_run(p, table) for p in find_runs(paths)]
-    report = compare(runs, replications, fit_run, sources, n_boot, progress)
+    report = compare(runs, replications, fit_run, sources, n_boot, progress, jobs)
     if out is not None:
         report.write(out)
     return report

@@ -137,3 +137,22 @@ def test_bad_model_spec_is_one_line(tmp_path):
     r = invoke(*TINY, "--heads", "3", "--out", tmp_path / "x")
     assert r.exit_code == 1
     assert r.stderr.strip().splitlines()[-1] == "calibration failed: d_model 32 is not a multiple of heads 3"
+
+
+def test_eager_phases_are_the_models_own_entry_points():
+    torch = pytest.importorskip("torch")
+    from simrec.calibration.gr_models import GRSpec, Phases, build_model
+    spec = GRSpec(layers=1, d_model=32, heads=2, ffn=64, dtype="float32", short_term_tokens=4)
+    model = build_model(spec, "cpu")
+    phases = Phases(model)
+    assert phases.check(16, 8, "cpu") < 1e-5       # rank(encode(h)) and full agree with full_forward
+    h, s, c = (torch.randn(1, t, 32) for t in (16, 4, 8))
+    with torch.inference_mode():
+        assert torch.equal(phases.full(h, s, c), model.full_forward(h, s, c))
+
+
+def test_cuda_graphs_need_a_cuda_device(tmp_path):
+    pytest.importorskip("torch")
+    from simrec.calibration import bench
+    with pytest.raises(SystemExit, match="--cuda-graphs needs --device cuda"):
+        bench.config_from_args(bench.parse_args(["--device", "cpu", "--cuda-graphs", "--out", str(tmp_path)]))

@@ -196,3 +196,53 @@ def test_cli_commands_report_bad_input_in_one_line(runs, tmp_path):
                            "--bootstrap", "100", "--out", str(tmp_path / "f")])
     assert res.exit_code == 0, res.output
     assert "full_u70" in res.output and (tmp_path / "f" / "fidelity.png").exists()
+
+
+def test_parallel_compare_gives_the_same_report_as_serial(runs):
+    loaded = [fid.load_run(p) for p in runs.values()]
+    kw = dict(replications=1, sources=("replay", "table", "corrected"), n_boot=100)
+    serial = fid.compare(loaded, jobs=1, **kw)
+    parallel = fid.compare(loaded, jobs=2, **kw)
+    pd.testing.assert_frame_equal(serial.rows, parallel.rows)
+    assert serial.corrections == parallel.corrections
+
+
+def _correction(**kw) -> fid.Correction:
+    starts = {"*": np.arange(4.0), "p": np.arange(4.0)}
+    eps = {"*": np.array([1.0, 2.0, 3.0, 4.0]), "p": np.array([1.0, 2.0, 3.0, 4.0])}
+    pools = {"*": np.full(200, 9.0), "p": np.full(200, 7.0), "p|0": np.full(200, 1.0),
+             "p|4": np.full(200, 5.0), "p|2": np.full(3, 100.0)}
+    return fid.Correction("fit", None, pools, starts, eps, **kw)
+
+
+def test_correction_draws_from_the_pool_of_the_gap_that_began_the_busy_period():
+    c = _correction(additive=True, by_gap=True)
+    assert fid.gap_bin(0.0) == 0 and fid.gap_bin(0.5) == 1 and fid.gap_bin(1e9) == len(fid.GAP_BINS_MS)
+    assert c.draw("p", 0.0, 0.0, 0.5, gap_ms=0.1) == 1.0
+    assert c.draw("p", 0.0, 0.0, 0.5, gap_ms=100.0) == 5.0
+    assert c.draw("p", 0.0, 0.0, 0.5, gap_ms=3.0) == 7.0        # too few residuals: the phase's pool
+    assert c.draw("q", 0.0, 0.0, 0.5, gap_ms=0.1) == 9.0        # unknown phase: all residuals
+    assert c.time("p", 2.0, 0.25) == 2.25                        # additive
+    assert _correction().time("p", 2.0, 0.25) == 0.5             # multiplicative
+    assert _correction(by_gap=False).draw("p", 0.0, 0.0, 0.5, gap_ms=0.1) == 7.0
+
+
+def test_temporal_correction_replays_the_fit_runs_residuals_in_time_order():
+    c = _correction(temporal=True)
+    assert c.span_ms == 3.0
+    got = [c.draw("p", t, 0.0, 0.5) for t in (0.0, 0.5, 1.0, 2.5)]
+    assert got == [1.0, 2.0, 2.0, 4.0]                           # the next job started at or after t
+    assert c.draw("p", 0.5, 1.0, 0.5) == 3.0                     # shifted by the replication's offset
+
+
+def test_additive_correction_fitted_on_a_run_carries_its_mean_excess(runs):
+    run = fid.load_run(runs["relay"])
+    c = fid.fit_correction(run, levels=False, additive=True)
+    table = load_table(run.scenario.stages["ranking"].service.table)
+    j = run.ran()
+    cut = run.scenario.run.warmup_s * 1000.0
+    j = j[(run.trace["arrival_ms"].to_numpy()[j["request_id"].to_numpy()] >= cut) & (j["phase"] != "")]
+    for phase, g in j.groupby("phase"):
+        iso = [table.curve(phase).median_ms(L, 0 if phase == "prefix_encode" else m)
+               for L, m in zip(g["history_len"], g["candidates"])]
+        assert math.isclose(c.pools[phase].mean(), float((g["busy_ms"] - iso).mean()), rel_tol=1e-9)
