@@ -16,6 +16,8 @@
 #
 #   a: relay 0.6 | full 0.3 | relay 0.6 with a 256 MiB cache (evicts) | full 0.8
 #   b: relay 0.3 | full 0.6 | relay 0.85 | full 0.9
+#   c: relay 0.6 | full 0.6, each ~215 s of arrivals (tags _long): how the P99 interval
+#      narrows with run length
 #
 # Model: transformer, 4 layers, d_model 512, 8 heads, ffn 2048, bf16, 32 short-term tokens;
 # L in {1024, 2048, 4096, 8192}, M = 128. Override with the variables below (a CPU dry run:
@@ -41,6 +43,7 @@ MIN_REQUESTS="${MIN_REQUESTS:-10000}"
 case "$part" in
   a) POLICIES=relay,full,relay,full; LOADS=0.6,0.3,0.6,0.8; CACHES=16384,16384,256,16384; TAGS=",,_small," ;;
   b) POLICIES=relay,full,relay,full; LOADS=0.3,0.6,0.85,0.9; CACHES=16384; TAGS="" ;;
+  c) POLICIES=relay,full; LOADS=0.6,0.6; CACHES=16384; TAGS="_long,_long"; SECONDS_PER_RUN="${SECONDS_PER_RUN_C:-215}" ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
 export PYTHONUNBUFFERED=1
