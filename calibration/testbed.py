@@ -43,6 +43,10 @@ made no job (``skipped``: prefix already cached; ``rejected``: no room) are logg
 Each run folder holds ``jobs.parquet``, ``trace.parquet`` (arrival_ms = pre-infer signal
 time = ranking arrival - lead_ms, user_id, history_len, candidates), ``scenario.yaml``
 (simrec's description of the same system; see ``scenario_dict``) and ``meta.json``.
+``jobs.parquet`` stores the measured columns only (``STORED_COLUMNS``); service_ms,
+latency_ms and the request's user_id / history_len / candidates follow from them and the
+trace (``simrec.fidelity.load_run`` adds them back, bit for bit): runs stay small enough
+to commit.
 
 Runs with torch, numpy, pandas, pyarrow and pyyaml alone (no simrec, no pydantic), so it
 works on a bare GPU machine from the repository root::
@@ -76,6 +80,7 @@ import yaml
 from .gr_models import GRModel, GRSpec, Phases, build_model
 
 POLICIES = ("full", "relay")
+STORED_COLUMNS = ("kind", "request_id", "arrival_ms", "start_ms", "end_ms", "overhead_ms", "outcome", "phase")
 RANK, PRE = 0, 1
 KINDS = {RANK: "rank", PRE: "pre"}
 # Job outcomes (jobs.parquet `outcome`).
@@ -445,7 +450,7 @@ def write_run(result: RunResult, folder: Path, name: str, workload: Workload, po
     """Write jobs.parquet, trace.parquet, scenario.yaml and meta.json into folder/name."""
     out = folder / name
     out.mkdir(parents=True, exist_ok=True)
-    result.jobs.to_parquet(out / "jobs.parquet", index=False, compression="zstd")
+    result.jobs[list(STORED_COLUMNS)].to_parquet(out / "jobs.parquet", index=False, compression="zstd")
     result.trace.to_parquet(out / "trace.parquet", index=False, compression="zstd")
     arrivals = result.trace["arrival_ms"].to_numpy()
     warmup_s = float(arrivals[int(len(arrivals) * warmup_frac)]) / 1000.0 if len(arrivals) else 0.0

@@ -134,11 +134,28 @@ def load_run(folder: Path, table: str | None = None) -> Run:
     scen = load_scenario(folder / "scenario.yaml")
     if table is not None:
         scen = with_overrides(scen, {f"stages.{STAGE}.service.table": str(Path(table).resolve())})
-    jobs = pd.read_parquet(folder / "jobs.parquet")
+    trace = pd.read_parquet(folder / "trace.parquet")
+    jobs = with_derived_columns(pd.read_parquet(folder / "jobs.parquet"), trace)
     for c in ("kind", "outcome", "phase"):
         jobs[c] = jobs[c].astype(str)
-    return Run(folder.name, folder, json.loads((folder / "meta.json").read_text()), jobs,
-               pd.read_parquet(folder / "trace.parquet"), scen)
+    return Run(folder.name, folder, json.loads((folder / "meta.json").read_text()), jobs, trace, scen)
+
+
+def with_derived_columns(jobs: pd.DataFrame, trace: pd.DataFrame) -> pd.DataFrame:
+    """Add back what the testbed does not store: the request's user, length and candidates
+    (from the trace), service_ms = end - start and latency_ms = end - arrival (rank jobs),
+    computed exactly as the testbed computed them. Older runs that store them pass as is."""
+    if "service_ms" in jobs:
+        return jobs
+    rid = jobs["request_id"].to_numpy()
+    out = jobs.copy()
+    for c in ("user_id", "history_len", "candidates"):
+        out[c] = trace[c].to_numpy()[rid]
+    end = out["end_ms"].to_numpy()
+    out["service_ms"] = end - out["start_ms"].to_numpy()
+    out["latency_ms"] = np.where(out["kind"].astype(str).to_numpy() == "rank",
+                                 end - out["arrival_ms"].to_numpy(), np.nan)
+    return out
 
 
 # ----------------------------------------------------------------------------- statistics
