@@ -105,7 +105,7 @@ def fidelity(
                                                      "(default: the relay run nearest 60% load)"),
     sources: Optional[str] = typer.Option(None, help="comma-separated subset of: replay, replay_kernel, "
                                                      "table, table_idle, ratio_iid, levels_temporal, "
-                                                     "additive_iid, additive_temporal, corrected"),
+                                                     "additive_iid, additive_temporal"),
     bootstrap: int = typer.Option(1000, min=100, help="block-bootstrap resamples for measured CIs"),
     jobs: int = typer.Option(0, min=0, help="processes, one run each at a time (0: one per core)"),
 ):

@@ -18,11 +18,15 @@ simulated ranking sojourn (wait + service) is compared with the measured ranking
   idled (>= ``IDLE_MS``), its ``isolated`` curves otherwise. No serving data used.
 - ``ratio_iid``: table median x a ratio drawn i.i.d. from one run's measured / median
   ratios (per phase): the plain "multiplicative noise" correction, as a baseline.
-- ``corrected_iid``: max(the phase's in-serving host time, the table's isolated median) x
-  i.i.d. residuals, both from one run (``Correction``): per-call host overhead that does
-  not scale with the work, plus noise.
-- ``corrected``: the same with time-indexed residuals, so the fit run's host stalls keep
-  their clustering in time (``Correction.draw``).
+- ``additive_iid``: table median + an excess drawn i.i.d. from one run's measured -
+  median excesses (per phase): an in-serving per-job cost that does not grow with the
+  work (launches, input copies, wake-up, the host's cache bookkeeping) plus noise
+  (``Correction``). The main correction for GPU-bound (CUDA-graph) serving.
+- ``additive_temporal``: the same with time-indexed excesses, so the fit run's slow
+  periods keep their clustering in time (``Correction.draw``).
+- ``levels_temporal``: max(the phase's in-serving host time, the table's isolated
+  median) x time-indexed residuals: built for the launch-bound eager runs, whose host
+  stalls came in clusters.
 
 The corrections are fitted on ONE run and judged on the others; the fitted run's rows are
 flagged in-sample.
@@ -58,16 +62,14 @@ from .simulate import simulate
 
 STAGE = "ranking"
 SOURCES = ("replay", "replay_kernel", "table", "table_idle", "ratio_iid", "levels_temporal", "additive_iid",
-           "additive_temporal", "corrected")
+           "additive_temporal")
 CORRECTIONS = {"ratio_iid": dict(levels=False),
                "levels_temporal": dict(levels=True, temporal=True),
                "additive_iid": dict(levels=False, additive=True),
-               "additive_temporal": dict(levels=False, additive=True, temporal=True),
-               "corrected": dict(levels=False, additive=True, by_gap=True)}
-MAIN_SOURCES = ("replay", "table", "corrected")
+               "additive_temporal": dict(levels=False, additive=True, temporal=True)}
+MAIN_SOURCES = ("replay", "table", "additive_iid", "additive_temporal")
 METRICS = ("p50", "p90", "p99", "mean")
 IDLE_MS = 0.5                          # table_idle: idle at least this long -> idle_gap curve
-GAP_BINS_MS = (0.5, 2.0, 5.0, 20.0)    # corrected: bins of the idle gap that began the busy period
 
 
 # ----------------------------------------------------------------------------- runs
@@ -262,25 +264,19 @@ class Correction:
     residuals of busy = device time + the host's time before the job: busy / base, or
     busy - base when additive (a per-job cost that does not grow with L: launches, input
     copies, wake-up, cache bookkeeping; graphed serving shows one). They are drawn i.i.d.
-    per phase; with `by_gap` per phase and bin (GAP_BINS_MS) of the idle gap that began the
-    job's busy period (a GPU that idled longer runs the next jobs slower: clocks and
-    caches ramp up again); or (`temporal`) time-indexed: a job starting at simulated time t
-    takes the residual of the fit run's job of the same phase that started next after
-    (t + offset) mod the fit run's span, the offset drawn per replication, so host stalls keep the clustering
-    they had in the fit run. Pools of fewer than MIN_POOL residuals fall back to the
-    phase's."""
-
-    MIN_POOL = 100
+    per phase, or (`temporal`) time-indexed: a job starting at simulated time t takes the
+    residual of the fit run's job of the same phase that started next after (t + offset)
+    mod the fit run's span, the offset drawn per replication, so slow periods keep the
+    clustering in time they had in the fit run."""
 
 
     fit_run: str
     levels: dict[str, float] | None
-    pools: dict[str, np.ndarray]            # "*", phase, "phase|gap bin" -> sorted residuals
+    pools: dict[str, np.ndarray]            # "*" and phase -> sorted residuals
     starts_ms: dict[str, np.ndarray]        # pools' keys -> fit run's job starts, ascending
     eps: dict[str, np.ndarray]              # their residuals, in that order
     temporal: bool = False
     additive: bool = False
-    by_gap: bool = False
 
     @property
     def span_ms(self) -> float:
@@ -290,10 +286,8 @@ class Correction:
         base = iso_ms if self.levels is None else max(self.levels[phase], iso_ms)
         return max(base + eps, 1e-6) if self.additive else base * eps
 
-    def draw(self, phase: str, now_ms: float, offset_ms: float, u: float, gap_ms: float = math.inf) -> float:
-        key = f"{phase}|{gap_bin(gap_ms)}" if self.by_gap else phase
-        if len(self.pools.get(key, ())) < self.MIN_POOL:
-            key = phase if phase in self.pools else "*"
+    def draw(self, phase: str, now_ms: float, offset_ms: float, u: float) -> float:
+        key = phase if phase in self.pools else "*"
         if self.temporal:
             starts, eps = self.starts_ms[key], self.eps[key]
             i = int(np.searchsorted(starts, (now_ms + offset_ms) % self.span_ms))
@@ -303,7 +297,6 @@ class Correction:
 
     def summary(self) -> dict:
         out = {"fit_run": self.fit_run, "temporal": self.temporal, "additive": self.additive,
-               "by_gap": self.by_gap,
                "levels_ms": None if self.levels is None else {k: round(v, 4) for k, v in self.levels.items()},
                "residuals": {}}
         for p, v in sorted(self.pools.items()):
@@ -313,20 +306,14 @@ class Correction:
         return out
 
 
-def gap_bin(gap_ms: float) -> int:
-    return int(np.searchsorted(GAP_BINS_MS, gap_ms, side="right"))
-
-
 def fit_correction(run: Run, levels: bool = True, temporal: bool = False,
-                   additive: bool = False, by_gap: bool = False) -> Correction:
+                   additive: bool = False) -> Correction:
     """Fit on one run, after its warm-up. A phase's level is the median busy time of its
     jobs at host-bound shapes (isolated median within 20% of the phase's smallest on the
     grid); the residuals are busy / base for every job."""
     from simrec.calibration.table import load_table
     table = load_table(run.scenario.stages[STAGE].service.table)
     j = run.ran()
-    idle = j["idle_ms"].to_numpy()
-    j["gap_ms"] = pd.Series(np.where(idle > 0, idle, np.nan)).ffill().to_numpy()
     cut = (run.scenario.run.warmup_s or 0.0) * 1000.0
     signal = run.trace["arrival_ms"].to_numpy()[j["request_id"].to_numpy()]
     j = j[(signal >= cut) & (j["phase"] != "")].reset_index(drop=True)
@@ -345,16 +332,13 @@ def fit_correction(run: Run, levels: bool = True, temporal: bool = False,
     base = np.array([iso[k] if lv is None else max(lv[p], iso[k]) for k, p in enumerate(phases)])
     eps = busy - base if additive else busy / base
     pools = {"*": np.sort(eps), **{p: np.sort(eps[phases == p]) for p in np.unique(phases)}}
-    key = np.array([f"{p}|{gap_bin(g)}" for p, g in zip(phases, j["gap_ms"])])
-    pools.update({k: np.sort(eps[key == k]) for k in np.unique(key)})
     start = j["start_ms"].to_numpy() - j["start_ms"].min()
-    groups = {"*": np.ones(len(eps), bool), **{p: phases == p for p in np.unique(phases)},
-              **{k: key == k for k in np.unique(key)}}
+    groups = {"*": np.ones(len(eps), bool), **{p: phases == p for p in np.unique(phases)}}
     starts, seqs = {}, {}
     for k, sel in groups.items():          # per group: residuals in the order the jobs started
         order = np.argsort(start[sel])
         starts[k], seqs[k] = start[sel][order], eps[sel][order]
-    return Correction(run.name, lv, pools, starts, seqs, temporal, additive, by_gap)
+    return Correction(run.name, lv, pools, starts, seqs, temporal, additive)
 
 
 class _Drawn(_Costs):
@@ -374,15 +358,11 @@ class Corrected(_Drawn):
         super().__init__(base, env, node, rng)
         self.correction = correction
         self.offset_ms = float(rng.uniform(0, correction.span_ms))
-        self.gap_ms = math.inf          # the idle gap that began the current busy period
 
     def phase(self, name: str, L: int, M: int = 0) -> float:
         c = self.correction
-        idle = self.idle_ms()
-        if idle > 0:
-            self.gap_ms = idle
         return c.time(name, self.base.median(name, L, M),
-                      c.draw(name, self.env.now, self.offset_ms, self.rng.uniform(), self.gap_ms))
+                      c.draw(name, self.env.now, self.offset_ms, self.rng.uniform()))
 
 
 class TableIdle(_Drawn):
@@ -672,7 +652,8 @@ class FidelityReport:
         style = {"measured": ("k", "-", 2.2), "replay": ("tab:green", "--", 1.2),
                  "replay_kernel": ("tab:olive", ":", 1.0), "table": ("tab:red", "-", 1.2),
                  "table_idle": ("tab:orange", "-.", 1.0), "ratio_iid": ("tab:brown", ":", 1.0),
-                 "corrected_iid": ("tab:purple", ":", 1.0), "corrected": ("tab:blue", "-", 1.2)}
+                 "levels_temporal": ("tab:purple", ":", 1.0), "additive_iid": ("tab:blue", "-", 1.2),
+                 "additive_temporal": ("tab:cyan", "--", 1.2)}
         for ax, run in zip(axes.ravel(), runs):
             for name, x in self.curves[run].items():
                 xs = np.sort(x)

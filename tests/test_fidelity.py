@@ -161,7 +161,7 @@ def test_compare_fits_on_one_run_and_writes_the_report(runs, tmp_path):
     rows = report.rows
     assert set(rows["source"]) == set(fid.SOURCES)
     assert set(rows["run"]) == {r.name for r in loaded}
-    fit = report.corrections["corrected"]["fit_run"]
+    fit = report.corrections["additive_iid"]["fit_run"]
     assert fit == runs["relay"].name                   # the relay run with the larger cache
     assert set(rows.loc[rows["in_sample"], "run"]) == {fit}
     replay = rows[(rows["source"] == "replay") & rows["metric"].isin(fid.METRICS)]
@@ -200,7 +200,7 @@ def test_cli_commands_report_bad_input_in_one_line(runs, tmp_path):
 
 def test_parallel_compare_gives_the_same_report_as_serial(runs):
     loaded = [fid.load_run(p) for p in runs.values()]
-    kw = dict(replications=1, sources=("replay", "table", "corrected"), n_boot=100)
+    kw = dict(replications=1, sources=("replay", "table", "additive_iid"), n_boot=100)
     serial = fid.compare(loaded, jobs=1, **kw)
     parallel = fid.compare(loaded, jobs=2, **kw)
     pd.testing.assert_frame_equal(serial.rows, parallel.rows)
@@ -210,21 +210,16 @@ def test_parallel_compare_gives_the_same_report_as_serial(runs):
 def _correction(**kw) -> fid.Correction:
     starts = {"*": np.arange(4.0), "p": np.arange(4.0)}
     eps = {"*": np.array([1.0, 2.0, 3.0, 4.0]), "p": np.array([1.0, 2.0, 3.0, 4.0])}
-    pools = {"*": np.full(200, 9.0), "p": np.full(200, 7.0), "p|0": np.full(200, 1.0),
-             "p|4": np.full(200, 5.0), "p|2": np.full(3, 100.0)}
+    pools = {"*": np.full(200, 9.0), "p": np.full(200, 7.0)}
     return fid.Correction("fit", None, pools, starts, eps, **kw)
 
 
-def test_correction_draws_from_the_pool_of_the_gap_that_began_the_busy_period():
-    c = _correction(additive=True, by_gap=True)
-    assert fid.gap_bin(0.0) == 0 and fid.gap_bin(0.5) == 1 and fid.gap_bin(1e9) == len(fid.GAP_BINS_MS)
-    assert c.draw("p", 0.0, 0.0, 0.5, gap_ms=0.1) == 1.0
-    assert c.draw("p", 0.0, 0.0, 0.5, gap_ms=100.0) == 5.0
-    assert c.draw("p", 0.0, 0.0, 0.5, gap_ms=3.0) == 7.0        # too few residuals: the phase's pool
-    assert c.draw("q", 0.0, 0.0, 0.5, gap_ms=0.1) == 9.0        # unknown phase: all residuals
+def test_correction_draws_from_its_phases_pool_and_applies_it():
+    c = _correction(additive=True)
+    assert c.draw("p", 0.0, 0.0, 0.5) == 7.0
+    assert c.draw("q", 0.0, 0.0, 0.5) == 9.0                     # unknown phase: all residuals
     assert c.time("p", 2.0, 0.25) == 2.25                        # additive
     assert _correction().time("p", 2.0, 0.25) == 0.5             # multiplicative
-    assert _correction(by_gap=False).draw("p", 0.0, 0.0, 0.5, gap_ms=0.1) == 7.0
 
 
 def test_temporal_correction_replays_the_fit_runs_residuals_in_time_order():
