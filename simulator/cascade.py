@@ -8,6 +8,7 @@ written into preallocated numpy arrays while the run goes; nothing is summarised
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import simpy
@@ -109,8 +110,11 @@ def prepare(scenario: sc.Scenario, index: int) -> Prepared:
     return Prepared(env, reqs, stages, extrapolated, relay)
 
 
-def run_replication(scenario: sc.Scenario, index: int) -> Replication:
+def run_replication(scenario: sc.Scenario, index: int,
+                    adjust: Callable[[Prepared, int], None] | None = None) -> Replication:
     prep = prepare(scenario, index)
+    if adjust is not None:
+        adjust(prep, index)
     env, reqs, stages, relay = prep.env, prep.requests, prep.stages, prep.relay
     n = len(reqs)
     recs = {s.name: StageRecords(np.full(n, -1, np.int32), *(np.full(n, np.nan) for _ in range(3)),

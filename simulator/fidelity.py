@@ -38,8 +38,7 @@ trace is fixed).
 
 The replay and correction sources swap the ranking stage's cost model for an object with
 the same methods (``median``, ``phase``, ``sample``, ``prefix_bytes``) in every replication
-that ``cascade.prepare`` builds inside ``_ranking_costs``; nothing in the scenario format
-changes.
+through ``simulate``'s ``adjust`` hook; nothing in the scenario format changes.
 """
 
 from __future__ import annotations
@@ -54,7 +53,6 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from . import cascade
 from .errors import InputError
 from .loader import load_scenario, with_overrides
 from .scenario import Scenario
@@ -388,14 +386,10 @@ def _tagged(costs, kind: str, cost_fn: Callable) -> Callable:
     return tagged
 
 
-@contextlib.contextmanager
-def _ranking_costs(make: Callable):
-    """Inside the block, every replication that cascade.prepare builds gets its ranking
-    stage's cost model (and its relay's) from make(prepared, stage, replication index)."""
-    original = cascade.prepare
-
-    def prepare(scenario, index):
-        prep = original(scenario, index)
+def _swap_ranking_costs(make: Callable) -> Callable:
+    """A `simulate(adjust=...)` hook: each replication's ranking stage (and its relay) gets
+    its cost model from make(prepared, stage, replication index)."""
+    def adjust(prep, index):
         stage = next(s for s in prep.stages if s.name == STAGE)
         costs = make(prep, stage, index)
         stage.service = costs
@@ -404,13 +398,7 @@ def _ranking_costs(make: Callable):
             relay.phases = costs
             relay.rank_cost = _tagged(costs, "rank", relay.rank_cost)
             relay.pre_cost = _tagged(costs, "pre", relay.pre_cost)
-        return prep
-
-    cascade.prepare = prepare
-    try:
-        yield
-    finally:
-        cascade.prepare = original
+    return adjust
 
 
 # ----------------------------------------------------------------------------- simulation
@@ -451,8 +439,7 @@ def simulate_source(run: Run, source: str, replications: int = 5,
     else:
         if source in CORRECTIONS and correction is None:
             raise ValueError(f"source {source!r} needs a fitted correction")
-        with _ranking_costs(make):
-            res = simulate(scen)
+        res = simulate(scen, adjust=_swap_ranking_costs(make))
     req = res.requests.to_pandas().sort_values(["replication", "request_id"])
     lat, pre, reuse = [], [], []
     for _, g in req.groupby("replication"):

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .cascade import run_replication
+from .cascade import Prepared, run_replication
 from .results import Results, replication_metrics, summarise
 from .scenario import Scenario
 from .stats import interval
 
 
-def simulate(scenario: Scenario, progress: Callable[[int, int], None] | None = None) -> Results:
+def simulate(scenario: Scenario, progress: Callable[[int, int], None] | None = None,
+             adjust: Callable[[Prepared, int], None] | None = None) -> Results:
     """Run the scenario's replications and summarise them.
+
+    `adjust(prepared, index)`, if given, may change each replication's runtime objects
+    before it runs (e.g. swap a stage's cost model, as `simrec fidelity` does).
 
     With `run.p99_halfwidth_rel` set, replications are added one at a time until the
     end-to-end P99's confidence half-width is under that fraction of the P99, or
@@ -21,7 +25,7 @@ def simulate(scenario: Scenario, progress: Callable[[int, int], None] | None = N
     reps, p99s = [], []
     planned = run.replications
     while len(reps) < planned:
-        reps.append(run_replication(scenario, len(reps)))
+        reps.append(run_replication(scenario, len(reps), adjust))
         if progress is not None:
             progress(len(reps), planned)
         if run.p99_halfwidth_rel is not None:
