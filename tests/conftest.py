@@ -124,3 +124,33 @@ def write_gr_table(folder, kv_bytes_per_token: int = 16384):
 @pytest.fixture(scope="session")
 def gr_table(tmp_path_factory):
     return write_gr_table(tmp_path_factory.mktemp("tables") / "synthetic_gr")
+
+
+CACHE_OPS = ("reserve", "reserve_unpinned", "fill", "unpin", "lookup", "discard")
+
+
+def apply_cache_op(cache, op: str, user: int, nbytes: int, now: float):
+    """One random-test operation on a PrefixCache, skipped where it would misuse the API
+    (reserve of a present user, fill of a ready or absent entry, ...). Returns reserve()'s
+    result when a reserve ran, else True."""
+    entry = cache.entries.get(user)
+    if op.startswith("reserve"):
+        return cache.reserve(user, nbytes, now, pin=op == "reserve") if entry is None else True
+    if op == "fill" and entry is not None and not entry.ready:
+        cache.fill(user, now)
+    elif op == "unpin" and entry is not None:
+        cache.unpin(user)
+    elif op == "lookup":
+        cache.lookup(user, now)
+    elif op == "discard" and entry is not None:
+        cache.discard(user)
+    return True
+
+
+def check_cache_accounting(cache, pinned_before, op: str, user: int) -> None:
+    """Bytes bounded and consistent; pinned entries survive all but their own discard."""
+    assert 0 <= cache.pinned <= cache.used <= cache.capacity
+    assert cache.used == sum(e.nbytes for e in cache.entries.values())
+    assert cache.pinned == sum(e.nbytes for e in cache.entries.values() if e.pins)
+    gone = {user} if op == "discard" else set()
+    assert set(pinned_before) - gone <= set(cache.entries)

@@ -241,3 +241,11 @@ def test_additive_correction_fitted_on_a_run_carries_its_mean_excess(runs):
         iso = [table.curve(phase).median_ms(L, 0 if phase == "prefix_encode" else m)
                for L, m in zip(g["history_len"], g["candidates"])]
         assert math.isclose(c.pools[phase].mean(), float((g["busy_ms"] - iso).mean()), rel_tol=1e-9)
+
+
+def test_sorted_quantile_is_numpys_linear_quantile():
+    rng = np.random.default_rng(2)
+    for n in (1, 2, 3, 500):
+        a = np.sort(rng.standard_normal(n))
+        for u in [0.0, 0.5, 1.0, *rng.uniform(size=200)]:
+            assert fid.sorted_quantile(a, u) == float(np.quantile(a, u))

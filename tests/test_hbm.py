@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import simrec
-from conftest import check_invariants
+from conftest import CACHE_OPS, apply_cache_op, check_cache_accounting, check_invariants
 from simrec.embedding_cache import CheCurve, EmbeddingCache
 from simrec.errors import InputError
 from simrec.hbm_pool import HbmPool
@@ -94,8 +94,7 @@ def test_misses_are_binomial_at_the_curve_hit_ratio():
 POOL, ROW = 1000, 10
 
 pool_ops = st.lists(st.tuples(
-    st.sampled_from(["reserve", "reserve_unpinned", "fill", "unpin", "lookup", "discard",
-                     "emb", "emb_lookup", "advance"]),
+    st.sampled_from([*CACHE_OPS, "emb", "emb_lookup", "advance"]),
     st.integers(0, 12), st.integers(1, 300), st.floats(0, 1)), max_size=150)
 
 
@@ -112,17 +111,8 @@ def test_hbm_accounting_holds_after_every_operation(operations, lo, hi, ghost):
     for op, user, nbytes, frac in operations:
         now += 1.0
         pinned_before = {u for u, e in kv.entries.items() if e.pins}
-        entry = kv.entries.get(user)
-        if op.startswith("reserve") and entry is None:
-            kv.reserve(user, nbytes, now, pin=op == "reserve")
-        elif op == "fill" and entry is not None and not entry.ready:
-            kv.fill(user, now)
-        elif op == "unpin" and entry is not None:
-            kv.unpin(user)
-        elif op == "lookup":
-            kv.lookup(user, now)
-        elif op == "discard" and entry is not None:
-            kv.discard(user)
+        if op in CACHE_OPS:
+            apply_cache_op(kv, op, user, nbytes, now)
         elif op == "emb":
             before = pool.emb_bytes
             got = pool.set_emb_bytes(frac * POOL, now)
@@ -140,12 +130,7 @@ def test_hbm_accounting_holds_after_every_operation(operations, lo, hi, ghost):
         assert pool.emb_bytes + kv.capacity <= POOL
         assert pool.emb_bytes == emb.rows * ROW and emb.rows >= 0
         assert 0 <= emb.filled <= emb.rows and 0 <= emb.refill <= emb.rows - emb.filled + 1e-9
-        assert 0 <= kv.pinned <= kv.used <= kv.capacity
-        assert kv.used == sum(e.nbytes for e in kv.entries.values())
-        assert kv.pinned == sum(e.nbytes for e in kv.entries.values() if e.pins)
-        # Pinned prefixes survive everything but their own discard.
-        gone = {user} if op == "discard" else set()
-        assert pinned_before - gone <= set(kv.entries)
+        check_cache_accounting(kv, pinned_before, op, user)
         if kv.ghost is not None:
             assert kv.ghost.used == sum(kv.ghost.entries.values()) <= kv.ghost.capacity
             assert not set(kv.ghost.entries) & set(kv.entries)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import simrec
-from conftest import check_invariants
+from conftest import CACHE_OPS, apply_cache_op, check_cache_accounting, check_invariants
 from simrec.loader import validate
 from simrec.prefix_cache import DramTier, PrefixCache
 from simrec.relay import ADMITTED, REJECTED
@@ -40,8 +40,7 @@ def relay_scenario(table: str, router: str = "affinity", nodes: int = 4, trigger
 
 
 # ------------------------------------------------------------------ cache properties
-ops = st.lists(st.tuples(st.sampled_from(["reserve", "reserve_unpinned", "fill", "unpin", "lookup",
-                                          "discard"]),
+ops = st.lists(st.tuples(st.sampled_from(CACHE_OPS),
                          st.integers(0, 12), st.integers(1, 40)), max_size=200)
 
 
@@ -52,27 +51,10 @@ def test_cache_accounting_holds_after_every_operation(operations, capacity, dram
     now = 0.0
     for op, user, nbytes in operations:
         now += 1.0
-        pinned_before = {u: e.nbytes for u, e in cache.entries.items() if e.pins}
-        entry = cache.entries.get(user)
-        if op.startswith("reserve") and entry is None:
-            got = cache.reserve(user, nbytes, now, pin=op == "reserve")
-            if got is None:   # refused only when unpinned space cannot hold it
-                assert nbytes > capacity - cache.pinned
-        elif op == "fill" and entry is not None and not entry.ready:
-            cache.fill(user, now)
-        elif op == "unpin" and entry is not None:
-            cache.unpin(user)
-        elif op == "lookup":
-            cache.lookup(user, now)
-        elif op == "discard" and entry is not None:
-            cache.discard(user)
-        # Invariants: bytes bounded and consistent; pinned entries never evicted.
-        assert 0 <= cache.pinned <= cache.used <= cache.capacity
-        assert cache.used == sum(e.nbytes for e in cache.entries.values())
-        assert cache.pinned == sum(e.nbytes for e in cache.entries.values() if e.pins)
-        survivors = {u for u in pinned_before if u in cache.entries}
-        removed_by_op = {user} if op == "discard" else set()
-        assert set(pinned_before) - removed_by_op <= survivors
+        pinned_before = {u for u, e in cache.entries.items() if e.pins}
+        if apply_cache_op(cache, op, user, nbytes, now) is None:
+            assert nbytes > capacity - cache.pinned   # refused only when unpinned space cannot hold it
+        check_cache_accounting(cache, pinned_before, op, user)
         if cache.expander is not None:
             x = cache.expander
             assert 0 <= x.used <= x.capacity and x.used == sum(x.entries.values())
