@@ -135,26 +135,39 @@ def load_run(folder: Path, table: str | None = None) -> Run:
     if table is not None:
         scen = with_overrides(scen, {f"stages.{STAGE}.service.table": str(Path(table).resolve())})
     trace = pd.read_parquet(folder / "trace.parquet")
-    jobs = with_derived_columns(pd.read_parquet(folder / "jobs.parquet"), trace)
+    meta = json.loads((folder / "meta.json").read_text())
+    jobs = with_derived_columns(pd.read_parquet(folder / "jobs.parquet"), trace, meta["workload"]["lead_ms"])
     for c in ("kind", "outcome", "phase"):
         jobs[c] = jobs[c].astype(str)
-    return Run(folder.name, folder, json.loads((folder / "meta.json").read_text()), jobs, trace, scen)
+    return Run(folder.name, folder, meta, jobs, trace, scen)
 
 
-def with_derived_columns(jobs: pd.DataFrame, trace: pd.DataFrame) -> pd.DataFrame:
-    """Add back what the testbed does not store: the request's user, length and candidates
-    (from the trace), service_ms = end - start and latency_ms = end - arrival (rank jobs),
-    computed exactly as the testbed computed them. Older runs that store them pass as is."""
-    if "service_ms" in jobs:
-        return jobs
+def with_derived_columns(jobs: pd.DataFrame, trace: pd.DataFrame, lead_ms: float) -> pd.DataFrame:
+    """Add back what the testbed does not store, computed exactly as the testbed computed
+    it: the request's user, length and candidates (from the trace); arrival_ms (the signal
+    time, + lead_ms for ranking jobs); service_ms = end - start; overhead_ms = start -
+    max(arrival, the previous executed job's end); latency_ms = end - arrival (rank jobs).
+    Columns an older run stores are kept as stored."""
     rid = jobs["request_id"].to_numpy()
+    rank = jobs["kind"].astype(str).to_numpy() == "rank"
     out = jobs.copy()
     for c in ("user_id", "history_len", "candidates"):
-        out[c] = trace[c].to_numpy()[rid]
-    end = out["end_ms"].to_numpy()
-    out["service_ms"] = end - out["start_ms"].to_numpy()
-    out["latency_ms"] = np.where(out["kind"].astype(str).to_numpy() == "rank",
-                                 end - out["arrival_ms"].to_numpy(), np.nan)
+        if c not in out:
+            out[c] = trace[c].to_numpy()[rid]
+    if "arrival_ms" not in out:
+        sig = trace["arrival_ms"].to_numpy()
+        out["arrival_ms"] = np.where(rank, (sig + lead_ms)[rid], sig[rid])
+    start, end, arrival = (out[c].to_numpy() for c in ("start_ms", "end_ms", "arrival_ms"))
+    if "service_ms" not in out:
+        out["service_ms"] = end - start
+    if "overhead_ms" not in out:
+        ran = np.flatnonzero(~np.isnan(start))            # executed jobs, logged in order
+        prev_end = np.concatenate([[0.0], end[ran][:-1]])
+        overhead = np.full(len(out), np.nan)
+        overhead[ran] = start[ran] - np.maximum(arrival[ran], prev_end)
+        out["overhead_ms"] = overhead
+    if "latency_ms" not in out:
+        out["latency_ms"] = np.where(rank, end - arrival, np.nan)
     return out
 
 

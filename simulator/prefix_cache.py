@@ -148,13 +148,18 @@ class PrefixCache:
         if self.ttl_ms is not None:
             for user in [u for u, e in self.entries.items() if e.pins == 0 and self._expired(e, now)]:
                 self._drop(user, expired=True)
-        if self.used + nbytes <= self.capacity:
-            return
-        for user in [u for u, e in self.entries.items() if e.pins == 0]:
+        need = self.used + nbytes - self.capacity
+        victims = []                       # the oldest unpinned entries that make the room
+        for user, e in self.entries.items():
+            if need <= 0:
+                break
+            if e.pins == 0:
+                victims.append(user)
+                need -= e.nbytes
+        if need > 0:
+            raise AssertionError("reserve() checked there was room among unpinned entries")
+        for user in victims:
             self._drop(user, expired=False)
-            if self.used + nbytes <= self.capacity:
-                return
-        raise AssertionError("reserve() checked there was room among unpinned entries")
 
     def _drop(self, user: int, expired: bool) -> None:
         e = self.entries.pop(user)

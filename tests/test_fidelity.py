@@ -119,6 +119,24 @@ def test_run_folders_hold_a_valid_scenario_and_one_ranking_job_per_request(runs)
         assert len(prepare(scen, 0).requests) == REQUESTS
 
 
+def test_stored_columns_rebuild_the_served_log_bit_for_bit(tmp_path):
+    """jobs.parquet keeps only the measured columns; load_run must rebuild every other
+    column exactly as the testbed computed it while serving (an evicting relay run: skipped
+    and rejected rows without times sit between the executed ones)."""
+    server = tb.Server(SPEC, torch.device("cpu"), LENS, M)
+    w = tb.Workload(rate_qps=400.0, requests=150, users=40, zipf_s=1.0, history_lens=LENS,
+                    length_weights=(0.4, 0.3, 0.3), candidates=M, lead_ms=3.0, seed=7)
+    policy = tb.Policy("relay", THRESHOLD, 2 * max(LENS) * SPEC.kv_bytes_per_token)
+    served = tb.serve(server, tb.schedule(w), policy, w.lead_ms)
+    assert {"skipped", "computed"} <= set(served.jobs["outcome"].astype(str))
+    assert served.info["cache"]["evictions"] > 0
+    tb.write_jobs(served.jobs, tmp_path / "jobs.parquet")
+    stored = pd.read_parquet(tmp_path / "jobs.parquet")
+    assert list(stored.columns) == list(tb.STORED_COLUMNS)
+    rebuilt = fid.with_derived_columns(stored, served.trace, w.lead_ms)
+    pd.testing.assert_frame_equal(rebuilt[list(served.jobs.columns)], served.jobs, check_exact=True)
+
+
 def test_relay_runs_exercise_the_cache(runs):
     big, small = fid.load_run(runs["relay"]), fid.load_run(runs["relay_small"])
     for run in (big, small):
