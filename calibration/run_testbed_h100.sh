@@ -18,6 +18,15 @@
 #   b: relay 0.3 | full 0.6 | relay 0.85 | full 0.9
 #   c: relay 0.6 | full 0.6, each ~215 s of arrivals (tags _long): how the P99 interval
 #      narrows with run length
+# Parts a-c made calibration/testbed_runs/graphs/ (testbed at commit c36ae9c: each pre-infer
+# admission that evicted scanned all cached users). Parts d-g make the long runs of
+# calibration/testbed_runs/long/ (O(1) eviction), sized for a measured-P99 interval of about
+# +-5%, with a GPU clock/power log (gpu_<part>.csv, 1 s) beside each part's log (a dry run
+# sets BUDGET_DG and SECONDS_DG):
+#   d: relay 0.6 | full 0.6, 235 s each
+#   e: full 0.8, 470 s
+#   f: relay 0.8, 470 s
+#   g: relay 0.3 (150 s) | full 0.3 (120 s) | relay 0.45 with a 256 MiB cache (200 s)
 #
 # Model: transformer, 4 layers, d_model 512, 8 heads, ffn 2048, bf16, 32 short-term tokens;
 # L in {1024, 2048, 4096, 8192}, M = 128. Override with the variables below (a CPU dry run:
@@ -44,8 +53,14 @@ case "$part" in
   a) POLICIES=relay,full,relay,full; LOADS=0.6,0.3,0.6,0.8; CACHES=16384,16384,256,16384; TAGS=",,_small," ;;
   b) POLICIES=relay,full,relay,full; LOADS=0.3,0.6,0.85,0.9; CACHES=16384; TAGS="" ;;
   c) POLICIES=relay,full; LOADS=0.6,0.6; CACHES=16384; TAGS="_long,_long"; SECONDS_PER_RUN="${SECONDS_PER_RUN_C:-215}" ;;
+  d) POLICIES=relay,full; LOADS=0.6,0.6; CACHES=16384; TAGS=""; SECONDS_PER_RUN=235,235 ;;
+  e) POLICIES=full; LOADS=0.8; CACHES=16384; TAGS=""; SECONDS_PER_RUN=470 ;;
+  f) POLICIES=relay; LOADS=0.8; CACHES=16384; TAGS=""; SECONDS_PER_RUN=470 ;;
+  g) POLICIES=relay,full,relay; LOADS=0.3,0.3,0.45; CACHES=16384,16384,256; TAGS=",,_small"
+     SECONDS_PER_RUN=150,120,200 ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
+case "$part" in d|e|f|g) BUDGET_S="${BUDGET_DG:-565}"; SECONDS_PER_RUN="${SECONDS_DG:-$SECONDS_PER_RUN}" ;; esac
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$W"
 table="h100_graphs_$part"
@@ -65,6 +80,12 @@ left() { echo $(( T0 + BUDGET_S - $(date +%s) )); }
   tar czf "$OUT/table_$part.tar.gz" -C "$W" "$table"
   [ $rc -eq 0 ] || { echo "calibration failed: no testbed runs"; exit 1; }
 
+  gpu_log=""
+  if [ "$DEVICE" = cuda ] && command -v nvidia-smi >/dev/null; then   # clocks and power, 1 s
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu \
+        --format=csv,nounits -l 1 > "$OUT/gpu_$part.csv" 2>/dev/null &
+    gpu_log=$!
+  fi
   echo "== testbed $POLICIES at $LOADS ($(left)s left)"
   until=$(( T0 + BUDGET_S ))
   tags=(); [ -n "$TAGS" ] && tags=(--tags "$TAGS")
@@ -72,6 +93,7 @@ left() { echo $(( T0 + BUDGET_S - $(date +%s) )); }
       --device "$DEVICE" --deadline "$until" --min-requests "$MIN_REQUESTS" --pack-to "$OUT" $WORKLOAD \
       --policy "$POLICIES" --loads "$LOADS" --cache-mib "$CACHES" --seconds "$SECONDS_PER_RUN" "${tags[@]}"
   echo "== testbed exit $? after $(( $(date +%s) - T0 ))s"
+  [ -n "$gpu_log" ] && kill "$gpu_log" 2>/dev/null
   echo "== $(date -u +%FT%TZ) done after $(( $(date +%s) - T0 ))s"
   nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used --format=csv 2>/dev/null || true
   ls -la "$OUT"
