@@ -21,8 +21,9 @@
 # Parts a-c made calibration/testbed_runs/graphs/ (testbed at commit c36ae9c: each pre-infer
 # admission that evicted scanned all cached users). Parts d-g make the long runs of
 # calibration/testbed_runs/long/ (O(1) eviction), sized for a measured-P99 interval of about
-# +-5%, with a GPU clock/power log (gpu_<part>.csv, 1 s) beside each part's log (a dry run
-# sets BUDGET_DG and SECONDS_DG):
+# +-5%, with a GPU clock/power log (gpu_<part>.csv, 1 s) beside each part's log, and each
+# part's 10 s pilot kept as a run (pilot_<first run>: this machine's own short serving trace)
+# (a dry run sets BUDGET_DG and SECONDS_DG):
 #   d: relay 0.6 | full 0.6, 235 s each
 #   e: full 0.8, 470 s
 #   f: relay 0.8, 470 s
@@ -60,7 +61,9 @@ case "$part" in
      SECONDS_PER_RUN=150,120,200 ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
-case "$part" in d|e|f|g) BUDGET_S="${BUDGET_DG:-565}"; SECONDS_PER_RUN="${SECONDS_DG:-$SECONDS_PER_RUN}" ;; esac
+PILOT=()
+case "$part" in d|e|f|g) BUDGET_S="${BUDGET_DG:-565}"; SECONDS_PER_RUN="${SECONDS_DG:-$SECONDS_PER_RUN}"
+                         PILOT=(--pilot-s 10 --keep-pilot) ;; esac
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$W"
 table="h100_graphs_$part"
@@ -91,7 +94,7 @@ left() { echo $(( T0 + BUDGET_S - $(date +%s) )); }
   tags=(); [ -n "$TAGS" ] && tags=(--tags "$TAGS")
   timeout $(( until - $(date +%s) + 15 )) "$PY" -m calibration.testbed --table "$W/$table" --out "$W" \
       --device "$DEVICE" --deadline "$until" --min-requests "$MIN_REQUESTS" --pack-to "$OUT" $WORKLOAD \
-      --policy "$POLICIES" --loads "$LOADS" --cache-mib "$CACHES" --seconds "$SECONDS_PER_RUN" "${tags[@]}"
+      --policy "$POLICIES" --loads "$LOADS" --cache-mib "$CACHES" --seconds "$SECONDS_PER_RUN" "${tags[@]}" "${PILOT[@]}"
   echo "== testbed exit $? after $(( $(date +%s) - T0 ))s"
   [ -n "$gpu_log" ] && kill "$gpu_log" 2>/dev/null
   echo "== $(date -u +%FT%TZ) done after $(( $(date +%s) - T0 ))s"

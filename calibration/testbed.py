@@ -607,7 +607,7 @@ def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads:
                pilot_s: float = 4.0, pilot_load: float = 0.5, deadline: float | None = None,
                min_requests: int = 5000, tags: list[str] | None = None,
                pack_to: Path | None = None, warmup_frac: float = 0.1,
-               seconds: list[float] | None = None, log=print) -> list[Path]:
+               seconds: list[float] | None = None, keep_pilot: bool = False, log=print) -> list[Path]:
     """Serve one run per load (utilisation target) with one model instance.
 
     `policy` is one policy for all runs, or one per run (e.g. the same relay policy with
@@ -616,7 +616,8 @@ def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads:
     run's policy at `pilot_load` of the table's estimate. With a `deadline` (time.time()
     seconds) run lengths are scaled down, not below `min_requests`, so that the series ends
     before it. With `seconds` (one per load) a run's request count is its rate x its seconds
-    instead of `requests`.
+    instead of `requests`. With `keep_pilot` the pilot is written (and packed) as a run
+    named pilot_<first run>: a short serving trace of this machine.
     """
     policies = list(policy) if isinstance(policy, (list, tuple)) else [policy] * len(loads)
     if len(policies) != len(loads) or len(requests) != len(loads) or (rates and len(rates) != len(loads)):
@@ -639,9 +640,15 @@ def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads:
         est = table_work_ms(schedule(probe), policy, med)
         rate = pilot_load / est * 1000.0
         n_pilot = max(200, int(pilot_s * rate))
-        pilot = serve(server, schedule(replace(base, rate_qps=rate, requests=n_pilot, seed=base.seed + 999)),
-                      policy, base.lead_ms)
+        w_pilot = replace(base, rate_qps=rate, requests=n_pilot, seed=base.seed + 999)
+        pilot = serve(server, schedule(w_pilot), policy, base.lead_ms)
         s = run_summary(pilot.jobs)
+        if keep_pilot:      # a short serving trace of this machine, kept like a run
+            name = "pilot_" + run_name(policy, loads[0], tags[0] if tags else "")
+            path = write_run(pilot, out, name, w_pilot, policy, table_dir, manifest, dev,
+                             {"target_load": pilot_load, "pilot": True}, warmup_frac)
+            if pack_to is not None:
+                pack(path, Path(pack_to) / f"{name}.tar.gz")
         busy = s["busy_ms_per_request"]
         rates, work = [], []
         for load, n, pol in zip(loads, requests, policies):
@@ -669,8 +676,7 @@ def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads:
     written = []
     for k, (load, rate, n, policy) in enumerate(zip(loads, rates, requests, policies)):
         w = replace(base, rate_qps=rate, requests=n)
-        tag = tags[k] if tags else ""
-        name = f"{policy.kind}_u{int(round(load * 100)):02d}{tag}"
+        name = run_name(policy, load, tags[k] if tags else "")
         t0 = time.time()
         result = serve(server, schedule(w), policy, w.lead_ms)
         path = write_run(result, out, name, w, policy, table_dir, manifest, dev,
@@ -687,6 +693,10 @@ def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return written
+
+
+def run_name(policy: Policy, load: float, tag: str = "") -> str:
+    return f"{policy.kind}_u{int(round(load * 100)):02d}{tag}"
 
 
 def pack(folder: Path, dest: Path) -> Path:
@@ -734,6 +744,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="relay: HBM prefix cache (MiB), one value or one per load")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pilot-s", type=float, default=4.0)
+    p.add_argument("--keep-pilot", action="store_true", help="write the pilot as a run (pilot_<first run>)")
     p.add_argument("--deadline", type=float, default=None, help="unix time by which the series must end")
     p.add_argument("--min-requests", type=int, default=5000)
     p.add_argument("--pack-to", type=Path, default=None, help="also write <run>.tar.gz here after each run")
@@ -771,8 +782,7 @@ def main(argv=None) -> int:
     policies = [Policy(k, a.threshold, int(c * 2**20)) for k, c in zip(kinds, caches)]
     run_series(a.table, a.out, policies, a.loads, requests, base, a.device, a.rates, a.pilot_s,
                deadline=a.deadline, min_requests=a.min_requests, tags=tags, pack_to=a.pack_to,
-               seconds=seconds,
-               log=lambda s: print(s, flush=True))
+               seconds=seconds, keep_pilot=a.keep_pilot, log=lambda s: print(s, flush=True))
     return 0
 
 
