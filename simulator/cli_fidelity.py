@@ -53,6 +53,8 @@ def testbed(
     cache_mib: str = typer.Option("16384", help="relay: HBM prefix cache size (MiB), one or one per load"),
     seed: int = typer.Option(0, help="workload seed (users, lengths, arrival gaps)"),
     pilot_s: float = typer.Option(4.0, help="seconds of the pilot run that sets the rates"),
+    keep_pilot: bool = typer.Option(False, help="also write the pilot as a run (pilot_<first run>): "
+                                                "simrec fidelity fits additive_pilot on it"),
 ):
     """Serve a GR model on this device to open-loop arrivals and log every job (needs torch).
 
@@ -85,7 +87,7 @@ def testbed(
                 raise InputError("need one value, or one per load", "--cache-mib")
             pol = [tb.Policy(policy, threshold, int(c * 2**20)) for c in caches]
             written = tb.run_series(table, out, pol, load_list, n, base, device, rate_list, pilot_s,
-                                    log=lambda s: print(s, file=sys.stderr, flush=True))
+                                    keep_pilot=keep_pilot, log=lambda s: print(s, file=sys.stderr, flush=True))
         except (ValueError, FileNotFoundError) as e:
             raise InputError(str(e), str(table)) from None
         except torch.OutOfMemoryError as e:
@@ -102,10 +104,11 @@ def fidelity(
     table: Optional[Path] = typer.Option(None, help="cost table to use instead of each run's own"),
     replications: int = typer.Option(5, min=1, help="replications per simulated source"),
     fit_run: Optional[str] = typer.Option(None, help="run the correction is fitted on "
-                                                     "(default: the relay run nearest 60% load)"),
+                                                     "(default: the relay run nearest 60% load; "
+                                                     "additive_pilot fits each run's own pilot)"),
     sources: Optional[str] = typer.Option(None, help="comma-separated subset of: replay, replay_kernel, "
                                                      "table, table_idle, ratio_iid, levels_temporal, "
-                                                     "additive_iid, additive_temporal"),
+                                                     "additive_iid, additive_temporal, additive_pilot"),
     bootstrap: int = typer.Option(1000, min=100, help="block-bootstrap resamples for measured CIs"),
     jobs: int = typer.Option(0, min=0, help="processes, one run each at a time (0: one per core)"),
 ):

@@ -24,12 +24,16 @@ simulated ranking sojourn (wait + service) is compared with the measured ranking
   (``Correction``). The main correction for GPU-bound (CUDA-graph) serving.
 - ``additive_temporal``: the same with time-indexed excesses, so the fit run's slow
   periods keep their clustering in time (``Correction.draw``).
+- ``additive_pilot``: ``additive_iid`` fitted, for each run, on the pilot the testbed
+  served on the same machine right before it (``--keep-pilot``: a run folder flagged
+  ``pilot`` in meta.json, matched by cost table): a per-machine correction, the way the
+  table is per machine. Pilots are fit data only, never judged.
 - ``levels_temporal``: max(the phase's in-serving host time, the table's isolated
   median) x time-indexed residuals: built for the launch-bound eager runs, whose host
   stalls came in clusters.
 
-The corrections are fitted on ONE run and judged on the others; the fitted run's rows are
-flagged in-sample.
+The corrections other than ``additive_pilot`` are fitted on ONE run and judged on the
+others; the fitted run's rows are flagged in-sample.
 
 Measured percentiles carry a 95% interval from a circular block bootstrap over
 consecutive requests (latencies are autocorrelated). Simulated figures average the
@@ -60,12 +64,14 @@ from .simulate import simulate
 
 STAGE = "ranking"
 SOURCES = ("replay", "replay_kernel", "table", "table_idle", "ratio_iid", "levels_temporal", "additive_iid",
-           "additive_temporal")
+           "additive_temporal", "additive_pilot")
 CORRECTIONS = {"ratio_iid": dict(levels=False),
                "levels_temporal": dict(levels=True, temporal=True),
                "additive_iid": dict(levels=False, additive=True),
-               "additive_temporal": dict(levels=False, additive=True, temporal=True)}
-MAIN_SOURCES = ("replay", "table", "additive_iid", "additive_temporal")
+               "additive_temporal": dict(levels=False, additive=True, temporal=True),
+               "additive_pilot": dict(levels=False, additive=True)}
+PER_MACHINE = ("additive_pilot",)      # fitted on each run's own pilot, not on one run
+MAIN_SOURCES = ("replay", "table", "additive_iid", "additive_pilot", "additive_temporal")
 METRICS = ("p50", "p90", "p99", "mean")
 IDLE_MS = 0.5                          # table_idle: idle at least this long -> idle_gap curve
 
@@ -86,6 +92,16 @@ class Run:
     @property
     def policy(self) -> str:
         return self.meta["policy"]["kind"]
+
+    @property
+    def is_pilot(self) -> bool:
+        return bool(self.meta.get("pilot"))
+
+    @property
+    def table_key(self) -> str:
+        """Which calibration (hence which machine) the run belongs to."""
+        t = self.meta.get("table", {})
+        return str(t.get("sha256") or t.get("name"))
 
     def warm(self) -> np.ndarray:
         """Per request: past the warm-up cut (the cut the scenario gives the simulator)."""
@@ -515,11 +531,19 @@ def compare(runs: list[Run], replications: int = 5, fit_run: str | None = None,
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise InputError(f"run names must be unique (got {names})")
-    corrections = {}
-    if any(s in CORRECTIONS for s in sources):
+    pilots = {r.table_key: r for r in runs if r.is_pilot}
+    runs = [r for r in runs if not r.is_pilot]
+    if not runs:
+        raise InputError("only pilot runs given: nothing to judge", ", ".join(names))
+    corrections, own = {}, {}
+    if any(s in CORRECTIONS and s not in PER_MACHINE for s in sources):
         fit = pick_fit_run(runs, fit_run)
-        corrections = {s: fit_correction(fit, **CORRECTIONS[s]) for s in sources if s in CORRECTIONS}
-    args = [(run, sources, replications, corrections, n_boot) for run in runs]
+        corrections = {s: fit_correction(fit, **CORRECTIONS[s]) for s in sources
+                       if s in CORRECTIONS and s not in PER_MACHINE}
+    for key, pilot in pilots.items():
+        own[key] = {s: fit_correction(pilot, **CORRECTIONS[s]) for s in sources if s in PER_MACHINE}
+    args = [(run, sources, replications, {**corrections, **own.get(run.table_key, {})}, n_boot)
+            for run in runs]
     rows, curves, detail = [], {}, {}
     with contextlib.ExitStack() as stack:
         if jobs > 1 and len(runs) > 1:
@@ -533,8 +557,10 @@ def compare(runs: list[Run], replications: int = 5, fit_run: str | None = None,
             curves[run.name], detail[run.name] = c, d
             if progress:
                 progress(run.name)
-    return FidelityReport(pd.DataFrame(rows), curves, detail,
-                          {k: c.summary() for k, c in corrections.items()}, replications)
+    summary = {k: c.summary() for k, c in corrections.items()}
+    for s in (s for s in sources if s in PER_MACHINE and own):
+        summary[s] = {p.name: own[k][s].summary() for k, p in pilots.items()}
+    return FidelityReport(pd.DataFrame(rows), curves, detail, summary, replications)
 
 
 def _compare_run(run: Run, sources: tuple[str, ...], replications: int, corrections: dict,
@@ -549,6 +575,8 @@ def _compare_run(run: Run, sources: tuple[str, ...], replications: int, correcti
     curves = {"measured": measured_lat[warm]}
     rows = []
     for source in sources:
+        if source in PER_MACHINE and source not in corrections:
+            continue                                  # no pilot from this run's machine
         out = simulate_source(run, source, replications, corrections.get(source))
         per = [describe(x[warm]) for x in out.latency]
         if out.prefix is not None:
@@ -664,7 +692,7 @@ class FidelityReport:
                  "replay_kernel": ("tab:olive", ":", 1.0), "table": ("tab:red", "-", 1.2),
                  "table_idle": ("tab:orange", "-.", 1.0), "ratio_iid": ("tab:brown", ":", 1.0),
                  "levels_temporal": ("tab:purple", ":", 1.0), "additive_iid": ("tab:blue", "-", 1.2),
-                 "additive_temporal": ("tab:cyan", "--", 1.2)}
+                 "additive_temporal": ("tab:cyan", "--", 1.2), "additive_pilot": ("tab:pink", "-", 1.2)}
         for ax, run in zip(axes.ravel(), runs):
             for name, x in self.curves[run].items():
                 xs = np.sort(x)

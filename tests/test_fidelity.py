@@ -70,9 +70,15 @@ def runs(table, tmp_path_factory):
                              ("relay", tb.Policy("relay", THRESHOLD, 2**30), ""),
                              ("relay_small", tb.Policy("relay", THRESHOLD, small), "_small")):
         path, = tb.run_series(table, out, policy, [0.7], [REQUESTS], base, "cpu", pilot_s=0.3,
-                              tags=[tag], log=lambda s: None)
+                              tags=[tag], keep_pilot=key == "relay", log=lambda s: None)
         folders[key] = path
     return folders
+
+
+@pytest.fixture(scope="module")
+def pilot(runs):
+    """The relay series' kept pilot (same table as every run here: one 'machine')."""
+    return runs["relay"].parent / "pilot_relay_u70"
 
 
 def overhead_bound(run: fid.Run) -> pd.Series:
@@ -173,9 +179,9 @@ def test_replay_of_kernel_time_alone_misses_only_the_host_overhead(runs, key):
         assert (out.prefix[0] == run.ranking()["outcome"].to_numpy()).all()
 
 
-def test_compare_fits_on_one_run_and_writes_the_report(runs, tmp_path):
+def test_compare_fits_on_one_run_and_writes_the_report(runs, pilot, tmp_path):
     loaded = [fid.load_run(p) for p in runs.values()]
-    report = fid.compare(loaded, replications=2, n_boot=100)
+    report = fid.compare(loaded + [fid.load_run(pilot)], replications=2, n_boot=100)
     rows = report.rows
     assert set(rows["source"]) == set(fid.SOURCES)
     assert set(rows["run"]) == {r.name for r in loaded}
@@ -189,6 +195,25 @@ def test_compare_fits_on_one_run_and_writes_the_report(runs, tmp_path):
     paths = report.write(tmp_path / "fid")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     assert report.markdown().count("\n| ") == len(loaded)
+
+
+def test_pilot_is_fit_data_for_its_own_machine_only(runs, pilot):
+    loaded = [fid.load_run(p) for p in runs.values()]
+    kept = fid.load_run(pilot)
+    assert kept.is_pilot and kept.policy == "relay" and kept.table_key == loaded[0].table_key
+    report = fid.compare(loaded + [kept], replications=2, sources=("replay", "additive_pilot"), n_boot=100)
+    rows = report.rows
+    assert set(rows["run"]) == {r.name for r in loaded}          # the pilot is never judged
+    assert set(rows.loc[rows["source"] == "additive_pilot", "run"]) == {r.name for r in loaded}
+    assert not rows["in_sample"].any()
+    assert list(report.corrections["additive_pilot"]) == [kept.name]
+    fit = fid.fit_correction(kept, **fid.CORRECTIONS["additive_pilot"])
+    assert report.corrections["additive_pilot"][kept.name] == fit.summary()
+    # without the pilot (another machine's runs), the per-machine source is left out
+    alone = fid.compare(loaded, replications=2, sources=("replay", "additive_pilot"), n_boot=100)
+    assert set(alone.rows["source"]) == {"replay"}
+    with pytest.raises(fid.InputError):
+        fid.compare([kept], replications=1, sources=("replay",))
 
 
 def test_block_bootstrap_interval_has_the_right_width_on_iid_data():
