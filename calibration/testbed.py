@@ -476,14 +476,16 @@ def write_run(result: RunResult, folder: Path, name: str, workload: Workload, po
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "warmup_s": warmup_s, "summary": run_summary(result.jobs, warmup_frac),
             **result.info, **extra,
-            "columns": {"arrival_ms": "when the job arrived (pre: signal time; rank: signal + lead_ms), "
-                                      "ms since the run's time zero",
+            "stored_columns": list(STORED_COLUMNS),
+            "columns": {"arrival_ms": "(derived) when the job arrived (pre: signal time = trace "
+                                      "arrival_ms; rank: signal + lead_ms), ms since the run's time zero",
                         "start_ms": "when the worker started the job (cache decision, then launches)",
                         "end_ms": "after the device finished it (synchronised)",
-                        "service_ms": "end_ms - start_ms",
-                        "overhead_ms": "start_ms - max(arrival_ms, previous job's end_ms): host time "
-                                       "between the worker being free for the job and starting it",
-                        "latency_ms": "end_ms - arrival_ms (rank jobs)",
+                        "service_ms": "(derived) end_ms - start_ms",
+                        "overhead_ms": "(derived) start_ms - max(arrival_ms, previous executed job's "
+                                       "end_ms): host time between the worker being free for the job "
+                                       "and starting it",
+                        "latency_ms": "(derived) end_ms - arrival_ms (rank jobs)",
                         "outcome": "rank: hit / miss / pending / none (full policy); pre: computed / "
                                    "cancelled / skipped (prefix already cached) / rejected (no room)"}}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
