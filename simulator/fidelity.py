@@ -512,7 +512,29 @@ def measured_figures(run: Run, n_boot: int = 1000) -> dict:
     fig["overhead_ms"] = {"mean": float(ran["overhead_ms"].mean()),
                           "p99": float(ran["overhead_ms"].quantile(0.99)),
                           "share_of_busy": float(ran["overhead_ms"].sum() / ran["busy_ms"].sum())}
+    if run.policy == "relay":
+        fig["overhead_ms"]["per_signal_us"] = signal_host_cost(run)
     return fig
+
+
+def signal_host_cost(run: Run) -> dict[str, float]:
+    """Host time (us) that pre-infer signals cost the worker, by least squares: each executed
+    job's overhead ~ base + sum over kinds of (signals of that kind processed just before it)
+    x cost. A signal is processed when the worker is next free, i.e. before the first job
+    that starts after it. Kinds: admitted (a pre-infer job queued), skipped (prefix already
+    cached), rejected (no room). simrec's relay charges no host time for a signal."""
+    ran = run.ran()
+    pre = run.jobs[run.jobs["kind"] == "pre"]
+    starts = ran["start_ms"].to_numpy()
+    cols, names = [np.ones(len(ran))], ["base"]
+    for kind, outcomes in (("admitted", ["computed", "cancelled"]), ("skipped", ["skipped"]),
+                           ("rejected", ["rejected"])):
+        k = np.searchsorted(starts, pre.loc[pre["outcome"].isin(outcomes), "arrival_ms"].to_numpy())
+        if (k < len(ran)).any():
+            cols.append(np.bincount(k[k < len(ran)], minlength=len(ran)).astype(float))
+            names.append(kind)
+    coef, *_ = np.linalg.lstsq(np.column_stack(cols), ran["overhead_ms"].to_numpy() * 1000.0, rcond=None)
+    return {n: round(float(c), 2) for n, c in zip(names, coef)}
 
 
 def reused(run: Run) -> np.ndarray:

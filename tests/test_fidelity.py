@@ -216,6 +216,28 @@ def test_pilot_is_fit_data_for_its_own_machine_only(runs, pilot):
         fid.compare([kept], replications=1, sources=("replay",))
 
 
+def test_signal_host_cost_recovers_a_known_per_signal_charge():
+    """Jobs whose overhead is 5 us + 40 us per admitted and 2 us per skipped signal that
+    arrived since the previous job started: the fit gives those figures back."""
+    rng = np.random.default_rng(3)
+    n = 400
+    start = np.cumsum(rng.uniform(0.5, 2.0, n))
+    adm, skp = rng.integers(0, 3, n), rng.integers(0, 4, n)
+    rows = []
+    for k in range(n):
+        lo = start[k - 1] if k else 0.0
+        for kind_n, outcome in ((adm[k], "computed"), (skp[k], "skipped")):
+            rows += [("pre", lo + (start[k] - lo) * (i + 1) / (kind_n + 1), outcome) for i in range(kind_n)]
+    pre = pd.DataFrame(rows, columns=["kind", "arrival_ms", "outcome"]).assign(
+        start_ms=np.nan, end_ms=np.nan, service_ms=np.nan, overhead_ms=np.nan)
+    over = (5.0 + 40.0 * adm + 2.0 * skp) / 1000.0
+    ranked = pd.DataFrame({"kind": "rank", "arrival_ms": start - over, "outcome": "hit", "start_ms": start,
+                           "end_ms": start + 0.4, "service_ms": 0.4, "overhead_ms": over})
+    run = fid.Run("synthetic", None, {"policy": {"kind": "relay"}}, pd.concat([ranked, pre]), None, None)
+    cost = fid.signal_host_cost(run)
+    assert cost == pytest.approx({"base": 5.0, "admitted": 40.0, "skipped": 2.0}, abs=1e-6)
+
+
 def test_block_bootstrap_interval_has_the_right_width_on_iid_data():
     x = np.random.default_rng(3).normal(size=4000)
     block = fid.block_length(x)
