@@ -111,6 +111,8 @@ def fidelity(
                                                      "additive_iid, additive_temporal, additive_pilot"),
     bootstrap: int = typer.Option(1000, min=100, help="block-bootstrap resamples for measured CIs"),
     jobs: int = typer.Option(0, min=0, help="processes, one run each at a time (0: one per core)"),
+    cross_fit: bool = typer.Option(False, "--cross-fit", help="also fit additive_iid on every run in turn "
+                                                             "and judge it on all (cross_fit.csv)"),
 ):
     """Compare simulated with measured ranking latency of testbed runs (simrec's error).
 
@@ -136,9 +138,11 @@ def fidelity(
             task = bar.add_task("loading runs")
             report = fid.run_fidelity(runs, out, str(table) if table else None, replications, fit_run,
                                       chosen, bootstrap, lambda s: bar.update(task, description=f"{s} done"),
-                                      jobs or os.cpu_count() or 1)
+                                      jobs or os.cpu_count() or 1, cross_fit)
     except InputError as e:
         _fail(e)
     main = tuple(s for s in fid.MAIN_SOURCES if s in chosen) or chosen
     print(report.markdown(main))
+    if report.cross is not None:
+        print("\n" + fid.cross_fit_markdown(report.cross))
     print(f"results: {out}")

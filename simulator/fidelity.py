@@ -59,6 +59,7 @@ import pandas as pd
 
 from .errors import InputError
 from .loader import load_scenario, with_overrides
+from .folders import atomic_folder
 from .scenario import Scenario
 from .simulate import simulate
 
@@ -656,6 +657,7 @@ class FidelityReport:
     detail: dict
     corrections: dict
     replications: int
+    cross: pd.DataFrame | None = None
 
     def markdown(self, sources: tuple[str, ...] = MAIN_SOURCES) -> str:
         """Per run: measured P50 / P99 (95% CI) and each source's P50 / P99 / mean error."""
@@ -691,16 +693,25 @@ class FidelityReport:
         return "\n".join(lines)
 
     def write(self, out: Path) -> list[Path]:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        """fidelity.{csv,md,json,png} (and cross_fit.csv) into `out`, replaced atomically."""
+        with atomic_folder(out) as tmp:
+            self._write(tmp)
+        names = ["fidelity.csv", "fidelity.md", "fidelity.json", "fidelity.png"]
+        return [Path(out) / n for n in names + (["cross_fit.csv"] if self.cross is not None else [])]
+
+    def _write(self, out: Path) -> None:
         paths = [out / "fidelity.csv", out / "fidelity.md", out / "fidelity.json", out / "fidelity.png"]
         self.rows.to_csv(paths[0], index=False, float_format="%.6g")
+        cross = ""
+        if self.cross is not None:
+            self.cross.to_csv(out / "cross_fit.csv", index=False, float_format="%.6g")
+            cross = "\n## Cross-fit\n\n" + cross_fit_markdown(self.cross) + "\n"
         paths[1].write_text("# simrec fidelity against the testbed\n\n" + self.markdown() + "\n\n"
-                            "## All sources\n\n" + self.markdown(tuple(self.rows["source"].unique())) + "\n")
+                            "## All sources\n\n" + self.markdown(tuple(self.rows["source"].unique())) + "\n"
+                            + cross)
         paths[2].write_text(json.dumps({"replications": self.replications, "runs": self.detail,
                                         "corrections": self.corrections}, indent=2, default=_json) + "\n")
         self.plot(paths[3])
-        return paths
 
     def plot(self, path: Path) -> None:
         import matplotlib
@@ -753,13 +764,62 @@ def _json(o):
     raise TypeError(type(o))
 
 
+def cross_fit(runs: list[Run], source: str = "additive_iid", replications: int = 3,
+              jobs: int = 1) -> pd.DataFrame:
+    """`source` fitted on each run in turn and judged on every run: how much the result
+    depends on which run was chosen for the fit. One row per (fit run, run, metric)."""
+    if source not in CORRECTIONS or source in PER_MACHINE:
+        raise InputError(f"cross-fit needs a one-run correction, not {source!r}")
+    runs = [r for r in runs if not r.is_pilot]
+    fits = [fit_correction(r, **CORRECTIONS[source]) for r in runs]
+    tasks = [(run, source, replications, fit) for fit in fits for run in runs]
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            from concurrent.futures import ProcessPoolExecutor
+            pool = stack.enter_context(ProcessPoolExecutor(jobs))
+            outs = list(pool.map(simulate_source, *zip(*tasks)))
+        else:
+            outs = [simulate_source(*t) for t in tasks]
+    measured = {r.name: describe(r.ranking()["latency_ms"].to_numpy()[r.warm()]) for r in runs}
+    rows = []
+    for (run, _, _, fit), out in zip(tasks, outs):
+        warm = run.warm()
+        per = [describe(x[warm]) for x in out.latency]
+        for metric in METRICS:
+            sim = float(np.mean([d[metric] for d in per]))
+            rows.append({"fit_run": fit.fit_run, "run": run.name, "source": source, "metric": metric,
+                         "in_sample": fit.fit_run == run.name, "measured": measured[run.name][metric],
+                         "simulated": sim, "error": sim / measured[run.name][metric] - 1})
+    return pd.DataFrame(rows)
+
+
+def cross_fit_markdown(cross: pd.DataFrame, metric: str = "p99") -> str:
+    """Rows: the run the correction was fitted on; columns: the run judged (P99 error)."""
+    c = cross[cross["metric"] == metric]
+    runs = list(dict.fromkeys(c["run"]))
+    lines = [f"{c['source'].iloc[0]} {metric.upper()} error; row: fitted on, column: judged "
+             "(in-sample cells in brackets)", "",
+             "| fitted on | " + " | ".join(runs) + " |", "|" + "---|" * (len(runs) + 1)]
+    for fit, g in c.groupby("fit_run", sort=False):
+        cell = {r.run: (f"[{_pct(r.error)}]" if r.in_sample else _pct(r.error)) for r in g.itertuples()}
+        lines.append(f"| {fit} | " + " | ".join(cell[r] for r in runs) + " |")
+    out = c[~c["in_sample"]]["error"].abs()
+    lines += ["", f"Out of sample: median |error| {out.median():.1%}, max {out.max():.1%} "
+              f"over {len(out)} (fit, run) pairs."]
+    return "\n".join(lines)
+
+
 def run_fidelity(paths: list[Path], out: Path | None = None, table: str | None = None,
                  replications: int = 5, fit_run: str | None = None,
                  sources: tuple[str, ...] = SOURCES, n_boot: int = 1000,
-                 progress: Callable[[str], None] | None = None, jobs: int = 1) -> FidelityReport:
-    """Load the runs, compare, and (with `out`) write fidelity.{csv,md,json,png}."""
+                 progress: Callable[[str], None] | None = None, jobs: int = 1,
+                 cross: bool = False) -> FidelityReport:
+    """Load the runs, compare (and with `cross`, cross-fit additive_iid), and (with `out`)
+    write fidelity.{csv,md,json,png} (and cross_fit.csv)."""
     runs = [load_run(p, table) for p in find_runs(paths)]
     report = compare(runs, replications, fit_run, sources, n_boot, progress, jobs)
+    if cross:
+        report.cross = cross_fit(runs, "additive_iid", replications, jobs)
     if out is not None:
         report.write(out)
     return report

@@ -216,6 +216,25 @@ def test_pilot_is_fit_data_for_its_own_machine_only(runs, pilot):
         fid.compare([kept], replications=1, sources=("replay",))
 
 
+def test_cross_fit_judges_every_fit_on_every_run_as_compare_would(runs, pilot, tmp_path):
+    loaded = [fid.load_run(p) for p in runs.values()]
+    cross = fid.cross_fit(loaded + [fid.load_run(pilot)], replications=2, jobs=2)
+    names = {r.name for r in loaded}                         # the pilot takes no part
+    assert set(cross["fit_run"]) == names and set(cross["run"]) == names
+    assert len(cross) == len(names) ** 2 * len(fid.METRICS)
+    assert (cross["in_sample"] == (cross["fit_run"] == cross["run"])).all()
+    fit = loaded[2].name
+    report = fid.compare(loaded, replications=2, fit_run=fit, sources=("additive_iid",), n_boot=100)
+    a = report.rows[report.rows["metric"].isin(fid.METRICS)].set_index(["run", "metric"])["simulated"]
+    b = cross[cross["fit_run"] == fit].set_index(["run", "metric"])["simulated"]
+    pd.testing.assert_series_equal(a.sort_index(), b.sort_index(), check_names=False)
+    report.cross = cross
+    paths = report.write(tmp_path / "fid")
+    assert (tmp_path / "fid" / "cross_fit.csv") in paths
+    assert "## Cross-fit" in (tmp_path / "fid" / "fidelity.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]     # no temp folder left
+
+
 def test_signal_host_cost_recovers_a_known_per_signal_charge():
     """Jobs whose overhead is 5 us + 40 us per admitted and 2 us per skipped signal that
     arrived since the previous job started: the fit gives those figures back."""
