@@ -24,10 +24,12 @@ simulated ranking sojourn (wait + service) is compared with the measured ranking
   (``Correction``). The main correction for GPU-bound (CUDA-graph) serving.
 - ``additive_temporal``: the same with time-indexed excesses, so the fit run's slow
   periods keep their clustering in time (``Correction.draw``).
-- ``additive_pilot``: ``additive_iid`` fitted, for each run, on the pilot the testbed
-  served on the same machine right before it (``--keep-pilot``: a run folder flagged
-  ``pilot`` in meta.json, matched by cost table): a per-machine correction, the way the
-  table is per machine. Pilots are fit data only, never judged.
+- ``additive_pilot``: an additive correction fitted, for each run, on the pilot the
+  testbed served on the same machine right before it (``--keep-pilot``: a run folder
+  flagged ``pilot`` in meta.json, matched by cost table): per machine, the way the table
+  is. Its excess pools are per phase and idle bin (how long the device had idled when the
+  job arrived: the GPU runs slower after idling), because a pilot runs at a lower load than
+  the runs it corrects. Pilots are fit data only, never judged.
 - ``levels_temporal``: max(the phase's in-serving host time, the table's isolated
   median) x time-indexed residuals: built for the launch-bound eager runs, whose host
   stalls came in clusters.
@@ -47,6 +49,7 @@ through ``simulate``'s ``adjust`` hook; nothing in the scenario format changes.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import math
@@ -70,11 +73,13 @@ CORRECTIONS = {"ratio_iid": dict(levels=False),
                "levels_temporal": dict(levels=True, temporal=True),
                "additive_iid": dict(levels=False, additive=True),
                "additive_temporal": dict(levels=False, additive=True, temporal=True),
-               "additive_pilot": dict(levels=False, additive=True)}
+               "additive_pilot": dict(levels=False, additive=True, idle=True)}
 PER_MACHINE = ("additive_pilot",)      # fitted on each run's own pilot, not on one run
 MAIN_SOURCES = ("replay", "table", "additive_iid", "additive_pilot", "additive_temporal")
 METRICS = ("p50", "p90", "p99", "mean")
 IDLE_MS = 0.5                          # table_idle: idle at least this long -> idle_gap curve
+IDLE_EDGES_MS = (0.0, 0.5, 2.0, 10.0)  # idle-binned corrections: queued, <=0.5, <=2, <=10, longer
+MIN_IDLE_POOL = 50
 
 
 # ----------------------------------------------------------------------------- runs
@@ -300,11 +305,12 @@ class Correction:
 
     fit_run: str
     levels: dict[str, float] | None
-    pools: dict[str, np.ndarray]            # "*" and phase -> sorted residuals
+    pools: dict[str, np.ndarray]            # "*", phase and "phase|idle bin" -> sorted residuals
     starts_ms: dict[str, np.ndarray]        # pools' keys -> fit run's job starts, ascending
     eps: dict[str, np.ndarray]              # their residuals, in that order
     temporal: bool = False
     additive: bool = False
+    idle: bool = False                      # pools per phase and idle bin (IDLE_EDGES_MS)
 
     @property
     def span_ms(self) -> float:
@@ -314,8 +320,10 @@ class Correction:
         base = iso_ms if self.levels is None else max(self.levels[phase], iso_ms)
         return max(base + eps, 1e-6) if self.additive else base * eps
 
-    def draw(self, phase: str, now_ms: float, offset_ms: float, u: float) -> float:
+    def draw(self, phase: str, now_ms: float, offset_ms: float, u: float, idle_ms: float = 0.0) -> float:
         key = phase if phase in self.pools else "*"
+        if self.idle:
+            key = f"{phase}|{idle_bin(idle_ms)}" if f"{phase}|{idle_bin(idle_ms)}" in self.pools else key
         if self.temporal:
             starts, eps = self.starts_ms[key], self.eps[key]
             i = int(np.searchsorted(starts, (now_ms + offset_ms) % self.span_ms))
@@ -323,7 +331,7 @@ class Correction:
         return sorted_quantile(self.pools[key], u)
 
     def summary(self) -> dict:
-        out = {"fit_run": self.fit_run, "temporal": self.temporal, "additive": self.additive,
+        out = {"fit_run": self.fit_run, "temporal": self.temporal, "additive": self.additive, "idle": self.idle,
                "levels_ms": None if self.levels is None else {k: round(v, 4) for k, v in self.levels.items()},
                "residuals": {}}
         for p, v in sorted(self.pools.items()):
@@ -345,11 +353,18 @@ def sorted_quantile(a: np.ndarray, u: float) -> float:
     return float(hi - (hi - lo) * (1 - t)) if t >= 0.5 else float(lo + (hi - lo) * t)
 
 
+def idle_bin(idle_ms: float) -> int:
+    """0: the job queued (no idle); k: idle in (IDLE_EDGES_MS[k-1], IDLE_EDGES_MS[k]]."""
+    return bisect.bisect_left(IDLE_EDGES_MS, idle_ms)
+
+
 def fit_correction(run: Run, levels: bool = True, temporal: bool = False,
-                   additive: bool = False) -> Correction:
+                   additive: bool = False, idle: bool = False) -> Correction:
     """Fit on one run, after its warm-up. A phase's level is the median busy time of its
     jobs at host-bound shapes (isolated median within 20% of the phase's smallest on the
-    grid); the residuals are busy / base for every job."""
+    grid); the residuals are busy / base for every job. With `idle`, also one pool per
+    phase and idle bin (how long the device had idled when the job arrived; the GPU runs
+    slower after idling), where the bin holds at least MIN_IDLE_POOL jobs."""
     from simrec.calibration.table import load_table
     table = load_table(run.scenario.stages[STAGE].service.table)
     j = run.ran()
@@ -371,13 +386,20 @@ def fit_correction(run: Run, levels: bool = True, temporal: bool = False,
     base = np.array([iso[k] if lv is None else max(lv[p], iso[k]) for k, p in enumerate(phases)])
     eps = busy - base if additive else busy / base
     pools = {"*": np.sort(eps), **{p: np.sort(eps[phases == p]) for p in np.unique(phases)}}
+    if idle:
+        bins = np.array([idle_bin(x) for x in j["idle_ms"].to_numpy()])
+        for p in np.unique(phases):
+            for b in np.unique(bins):
+                sel = (phases == p) & (bins == b)
+                if sel.sum() >= MIN_IDLE_POOL:
+                    pools[f"{p}|{b}"] = np.sort(eps[sel])
     start = j["start_ms"].to_numpy() - j["start_ms"].min()
     groups = {"*": np.ones(len(eps), bool), **{p: phases == p for p in np.unique(phases)}}
     starts, seqs = {}, {}
     for k, sel in groups.items():          # per group: residuals in the order the jobs started
         order = np.argsort(start[sel])
         starts[k], seqs[k] = start[sel][order], eps[sel][order]
-    return Correction(run.name, lv, pools, starts, seqs, temporal, additive)
+    return Correction(run.name, lv, pools, starts, seqs, temporal, additive, idle)
 
 
 class _Drawn(_Costs):
@@ -401,7 +423,8 @@ class Corrected(_Drawn):
     def phase(self, name: str, L: int, M: int = 0) -> float:
         c = self.correction
         return c.time(name, self.base.median(name, L, M),
-                      c.draw(name, self.env.now, self.offset_ms, self.rng.uniform()))
+                      c.draw(name, self.env.now, self.offset_ms, self.rng.uniform(),
+                             self.idle_ms() if c.idle else 0.0))
 
 
 class TableIdle(_Drawn):

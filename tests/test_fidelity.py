@@ -306,6 +306,29 @@ def test_correction_draws_from_its_phases_pool_and_applies_it():
     assert _correction().time("p", 2.0, 0.25) == 0.5             # multiplicative
 
 
+def test_idle_binned_correction_draws_from_the_bin_of_the_jobs_idle_time():
+    assert [fid.idle_bin(x) for x in (0.0, 0.3, 0.5, 1.0, 2.0, 5.0, 50.0, math.inf)] == [0, 1, 1, 2, 2, 3, 4, 4]
+    c = _correction(additive=True, idle=True)
+    c.pools["p|0"], c.pools["p|3"] = np.full(60, 1.0), np.full(60, 5.0)
+    assert c.draw("p", 0.0, 0.0, 0.5, idle_ms=0.0) == 1.0        # queued behind another job
+    assert c.draw("p", 0.0, 0.0, 0.5, idle_ms=4.0) == 5.0        # after 2-10 ms idle
+    assert c.draw("p", 0.0, 0.0, 0.5, idle_ms=1.0) == 7.0        # no pool for that bin: the phase's
+    assert c.draw("q", 0.0, 0.0, 0.5, idle_ms=4.0) == 9.0
+    assert _correction(additive=True).draw("p", 0.0, 0.0, 0.5, idle_ms=0.0) == 7.0   # idle off
+
+
+def test_idle_binned_fit_splits_each_phase_pool_by_idle_bin(runs):
+    run = fid.load_run(runs["relay"])
+    c = fid.fit_correction(run, levels=False, additive=True, idle=True)
+    plain = fid.fit_correction(run, levels=False, additive=True)
+    assert {k: list(v) for k, v in plain.pools.items()} == {k: list(c.pools[k]) for k in plain.pools}
+    binned = [k for k in c.pools if "|" in k]
+    assert binned and all(len(c.pools[k]) >= fid.MIN_IDLE_POOL for k in binned)
+    for k in binned:                          # each bin's residuals come from its phase's pool
+        phase = k.split("|")[0]
+        assert np.isin(c.pools[k], c.pools[phase]).all()
+
+
 def test_temporal_correction_replays_the_fit_runs_residuals_in_time_order():
     c = _correction(temporal=True)
     assert c.span_ms == 3.0
