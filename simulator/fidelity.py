@@ -323,7 +323,8 @@ class Correction:
     def draw(self, phase: str, now_ms: float, offset_ms: float, u: float, idle_ms: float = 0.0) -> float:
         key = phase if phase in self.pools else "*"
         if self.idle:
-            key = f"{phase}|{idle_bin(idle_ms)}" if f"{phase}|{idle_bin(idle_ms)}" in self.pools else key
+            binned = f"{phase}|{idle_bin(idle_ms)}"
+            key = binned if binned in self.pools else key
         if self.temporal:
             starts, eps = self.starts_ms[key], self.eps[key]
             i = int(np.searchsorted(starts, (now_ms + offset_ms) % self.span_ms))
@@ -718,16 +719,16 @@ class FidelityReport:
     def write(self, out: Path) -> list[Path]:
         """fidelity.{csv,md,json,png} (and cross_fit.csv) into `out`, replaced atomically."""
         with atomic_folder(out) as tmp:
-            self._write(tmp)
-        names = ["fidelity.csv", "fidelity.md", "fidelity.json", "fidelity.png"]
-        return [Path(out) / n for n in names + (["cross_fit.csv"] if self.cross is not None else [])]
+            names = [p.name for p in self._write(tmp)]
+        return [Path(out) / n for n in names]
 
-    def _write(self, out: Path) -> None:
+    def _write(self, out: Path) -> list[Path]:
         paths = [out / "fidelity.csv", out / "fidelity.md", out / "fidelity.json", out / "fidelity.png"]
         self.rows.to_csv(paths[0], index=False, float_format="%.6g")
         cross = ""
         if self.cross is not None:
-            self.cross.to_csv(out / "cross_fit.csv", index=False, float_format="%.6g")
+            paths.append(out / "cross_fit.csv")
+            self.cross.to_csv(paths[-1], index=False, float_format="%.6g")
             cross = "\n## Cross-fit\n\n" + cross_fit_markdown(self.cross) + "\n"
         paths[1].write_text("# simrec fidelity against the testbed\n\n" + self.markdown() + "\n\n"
                             "## All sources\n\n" + self.markdown(tuple(self.rows["source"].unique())) + "\n"
@@ -735,6 +736,7 @@ class FidelityReport:
         paths[2].write_text(json.dumps({"replications": self.replications, "runs": self.detail,
                                         "corrections": self.corrections}, indent=2, default=_json) + "\n")
         self.plot(paths[3])
+        return paths
 
     def plot(self, path: Path) -> None:
         import matplotlib
