@@ -280,6 +280,11 @@ def test_cli_commands_report_bad_input_in_one_line(runs, tmp_path):
                            "--bootstrap", "100", "--out", str(tmp_path / "f")])
     assert res.exit_code == 0, res.output
     assert "full_u70" in res.output and (tmp_path / "f" / "fidelity.png").exists()
+    res = cli.invoke(app, ["fidelity", str(runs["full"]), str(runs["relay"]), "--sources", "replay",
+                           "--replications", "1", "--bootstrap", "100", "--cross-fit", "--jobs", "1",
+                           "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert "Out of sample: median |error|" in res.output and (tmp_path / "c" / "cross_fit.csv").exists()
 
 
 def test_parallel_compare_gives_the_same_report_as_serial(runs):
