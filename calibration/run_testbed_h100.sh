@@ -37,7 +37,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that receives the results}"
-part="${1:?part a or b}"
+part="${1:?part: a-g}"
 T0=$(date +%s)
 BUDGET_S="${BUDGET_S:-535}"                 # this part must be done by T0 + BUDGET_S
 PY="${PYTHON:-python3}"
