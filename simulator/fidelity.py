@@ -50,7 +50,6 @@ through ``simulate``'s ``adjust`` hook; nothing in the scenario format changes.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -302,7 +301,6 @@ class Correction:
     mod the fit run's span, the offset drawn per replication, so slow periods keep the
     clustering in time they had in the fit run."""
 
-
     fit_run: str
     levels: dict[str, float] | None
     pools: dict[str, np.ndarray]            # "*", phase and "phase|idle bin" -> sorted residuals
@@ -386,16 +384,17 @@ def fit_correction(run: Run, levels: bool = True, temporal: bool = False,
             lv[p] = float(np.median(busy[host] if host.any() else busy[phases == p]))
     base = np.array([iso[k] if lv is None else max(lv[p], iso[k]) for k, p in enumerate(phases)])
     eps = busy - base if additive else busy / base
-    pools = {"*": np.sort(eps), **{p: np.sort(eps[phases == p]) for p in np.unique(phases)}}
+    names = np.unique(phases)
+    pools = {"*": np.sort(eps), **{p: np.sort(eps[phases == p]) for p in names}}
     if idle:
-        bins = np.array([idle_bin(x) for x in j["idle_ms"].to_numpy()])
-        for p in np.unique(phases):
+        bins = np.searchsorted(IDLE_EDGES_MS, j["idle_ms"].to_numpy())     # idle_bin, vectorised
+        for p in names:
             for b in np.unique(bins):
                 sel = (phases == p) & (bins == b)
                 if sel.sum() >= MIN_IDLE_POOL:
                     pools[f"{p}|{b}"] = np.sort(eps[sel])
     start = j["start_ms"].to_numpy() - j["start_ms"].min()
-    groups = {"*": np.ones(len(eps), bool), **{p: phases == p for p in np.unique(phases)}}
+    groups = {"*": np.ones(len(eps), bool), **{p: phases == p for p in names}}
     starts, seqs = {}, {}
     for k, sel in groups.items():          # per group: residuals in the order the jobs started
         order = np.argsort(start[sel])
@@ -592,22 +591,26 @@ def compare(runs: list[Run], replications: int = 5, fit_run: str | None = None,
     args = [(run, sources, replications, {**corrections, **own.get(run.table_key, {})}, n_boot)
             for run in runs]
     rows, curves, detail = [], {}, {}
-    with contextlib.ExitStack() as stack:
-        if jobs > 1 and len(runs) > 1:
-            from concurrent.futures import ProcessPoolExecutor
-            pool = stack.enter_context(ProcessPoolExecutor(min(jobs, len(runs))))
-            results = pool.map(_compare_run, *zip(*args))
-        else:
-            results = (_compare_run(*a) for a in args)
-        for run, (r, c, d) in zip(runs, results):     # in run order: the output does not depend on jobs
-            rows += r
-            curves[run.name], detail[run.name] = c, d
-            if progress:
-                progress(run.name)
+    for run, (r, c, d) in zip(runs, _starmap(_compare_run, args, jobs)):
+        rows += r
+        curves[run.name], detail[run.name] = c, d
+        if progress:
+            progress(run.name)
     summary = {k: c.summary() for k, c in corrections.items()}
     for s in (s for s in sources if s in PER_MACHINE and own):
         summary[s] = {p.name: own[k][s].summary() for k, p in pilots.items()}
     return FidelityReport(pd.DataFrame(rows), curves, detail, summary, replications)
+
+
+def _starmap(fn: Callable, args: list[tuple], jobs: int):
+    """fn(*a) for each a, in order, in `jobs` processes when jobs > 1: the results (and so
+    the report) do not depend on jobs."""
+    if jobs > 1 and len(args) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(min(jobs, len(args))) as pool:
+            yield from pool.map(fn, *zip(*args))
+    else:
+        yield from (fn(*a) for a in args)
 
 
 def _compare_run(run: Run, sources: tuple[str, ...], replications: int, corrections: dict,
@@ -798,13 +801,7 @@ def cross_fit(runs: list[Run], source: str = "additive_iid", replications: int =
     runs = [r for r in runs if not r.is_pilot]
     fits = [fit_correction(r, **CORRECTIONS[source]) for r in runs]
     tasks = [(run, source, replications, fit) for fit in fits for run in runs]
-    with contextlib.ExitStack() as stack:
-        if jobs > 1:
-            from concurrent.futures import ProcessPoolExecutor
-            pool = stack.enter_context(ProcessPoolExecutor(jobs))
-            outs = list(pool.map(simulate_source, *zip(*tasks)))
-        else:
-            outs = [simulate_source(*t) for t in tasks]
+    outs = list(_starmap(simulate_source, tasks, jobs))
     measured = {r.name: describe(r.ranking()["latency_ms"].to_numpy()[r.warm()]) for r in runs}
     rows = []
     for (run, _, _, fit), out in zip(tasks, outs):
