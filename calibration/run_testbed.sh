@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Fidelity testbed on one GPU: calibrate the testbed's model, then serve it for real.
 #
-#   OUT=/path/to/results bash calibration/run_testbed_h100.sh a
-#   OUT=/path/to/results bash calibration/run_testbed_h100.sh b
+#   OUT=/path/to/results bash calibration/run_testbed.sh a
+#   OUT=/path/to/results bash calibration/run_testbed.sh h
 #
 # Each part is one device call of at most ~540 s: it first calibrates a cost table on this
 # GPU (calibration/bench.py, isolated and idle_gap, the testbed's grid, CUDA graphs), then
@@ -28,6 +28,13 @@
 #   e: full 0.8, 470 s
 #   f: relay 0.8, 470 s
 #   g: relay 0.3 (150 s) | full 0.3 (120 s) | relay 0.45 with a 256 MiB cache (200 s)
+# Parts h-k serve a host-bound system on an H200 (issue 12): an EAGER model of 8x the
+# per-request GEMM FLOPs (8 layers, d_model 1024, 8 heads, ffn 4096), table h200_eager_<part>. A part
+# reuses the table when the machine still holds it (a warm machine: same GPU), else it
+# calibrates again; each keeps its own 10 s pilot:
+#   h: full 0.5 (140 s) | relay 0.5 (140 s) | full 0.7 (100 s)
+#   i: relay 0.7 (110 s) | full 0.3 (100 s) | relay 0.3 (100 s) | relay 0.5, 1 GiB cache (evicts, 110 s)
+#   j: full 0.5, 400 s        k: relay 0.5, 400 s
 #
 # Model: transformer, 4 layers, d_model 512, 8 heads, ffn 2048, bf16, 32 short-term tokens;
 # L in {1024, 2048, 4096, 8192}, M = 128. Override with the variables below (a CPU dry run:
@@ -37,7 +44,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder that receives the results}"
-part="${1:?part: a-g}"
+part="${1:?part: a-k}"
 T0=$(date +%s)
 BUDGET_S="${BUDGET_S:-535}"                 # this part must be done by T0 + BUDGET_S
 PY="${PYTHON:-python3}"
@@ -59,14 +66,24 @@ case "$part" in
   f) POLICIES=relay; LOADS=0.8; CACHES=16384; TAGS=""; SECONDS_PER_RUN=470 ;;
   g) POLICIES=relay,full,relay; LOADS=0.3,0.3,0.45; CACHES=16384,16384,256; TAGS=",,_small"
      SECONDS_PER_RUN=150,120,200 ;;
+  h) POLICIES=full,relay,full; LOADS=0.5,0.5,0.7; CACHES=16384; TAGS=""; SECONDS_PER_RUN=140,140,100 ;;
+  i) POLICIES=relay,full,relay,relay; LOADS=0.7,0.3,0.3,0.5; CACHES=16384,16384,16384,1024; TAGS=",,,_small"
+     SECONDS_PER_RUN=110,100,100,110 ;;
+  j) POLICIES=full; LOADS=0.5; CACHES=16384; TAGS="_long"; SECONDS_PER_RUN=400 ;;
+  k) POLICIES=relay; LOADS=0.5; CACHES=16384; TAGS="_long"; SECONDS_PER_RUN=400 ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
+table="h100_graphs_$part"
+case "$part" in h|i|j|k)      # the H200 eager system: one table per machine, reused while warm
+  table=h200_eager_$part; GRAPHS=""; MIN_REQUESTS="${MIN_REQUESTS_HK:-4000}"
+  MODEL="${MODEL_HK:---arch transformer --layers 8 --d-model 1024 --heads 8 --ffn 4096 --dtype bfloat16 --short-term 32}"
+  BENCH_EXTRA="${BENCH_EXTRA_HK:---target-s 0.5 --max-samples 1000 --soft-deadline-s 80}" ;;
+esac
 PILOT=()
-case "$part" in d|e|f|g) BUDGET_S="${BUDGET_DG:-565}"; SECONDS_PER_RUN="${SECONDS_DG:-$SECONDS_PER_RUN}"
+case "$part" in d|e|f|g|h|i|j|k) BUDGET_S="${BUDGET_DG:-565}"; SECONDS_PER_RUN="${SECONDS_DG:-$SECONDS_PER_RUN}"
                          PILOT=(--pilot-s 10 --keep-pilot) ;; esac
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$W"
-table="h100_graphs_$part"
 log="$OUT/log_$part.txt"
 left() { echo $(( T0 + BUDGET_S - $(date +%s) )); }
 
@@ -75,10 +92,16 @@ left() { echo $(( T0 + BUDGET_S - $(date +%s) )); }
   nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>/dev/null || true
   "$PY" -c "import torch, numpy, pandas, pyarrow, yaml; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 
-  echo "== calibrate $table ($(left)s left)"
-  timeout 170 "$PY" -m calibration.bench --device "$DEVICE" --out "$W/$table" --name "$table" $MODEL $GRID \
-      --conditions isolated,idle_gap --no-kernels $GRAPHS $BENCH_EXTRA
-  rc=$?
+  earlier=$(ls -d "$W"/h200_eager_*/manifest.json 2>/dev/null | head -1)
+  if [ -n "$earlier" ] && [ "${table#h200_eager}" != "$table" ]; then
+    table=$(basename "$(dirname "$earlier")")
+    echo "== reusing $table, calibrated on this machine in an earlier part"; rc=0
+  else
+    echo "== calibrate $table ($(left)s left)"
+    timeout 170 "$PY" -m calibration.bench --device "$DEVICE" --out "$W/$table" --name "$table" $MODEL $GRID \
+        --conditions isolated,idle_gap --no-kernels $GRAPHS $BENCH_EXTRA
+    rc=$?
+  fi
   echo "== bench exit $rc after $(( $(date +%s) - T0 ))s"
   tar czf "$OUT/table_$part.tar.gz" -C "$W" "$table"
   [ $rc -eq 0 ] || { echo "calibration failed: no testbed runs"; exit 1; }
