@@ -15,6 +15,7 @@ import simpy
 
 from . import scenario as sc
 from . import service
+from .interference import combined, timelines
 from .partition import start_controllers
 from .relay import Relay, build_relay, relay_worker
 from .routing import make_picker
@@ -61,7 +62,7 @@ def stream(seed: int, replication: int, n: int) -> list[np.random.Generator]:
 
 
 def build_stages(env: simpy.Environment, scenario: sc.Scenario,
-                 rngs: list[np.random.Generator]) -> list[Stage]:
+                 rngs: list[np.random.Generator], index: int = 0) -> list[Stage]:
     stages = []
     relay_stage = scenario.relay.stage if scenario.relay else None
     for k, (name, cfg) in enumerate(scenario.stages.items()):
@@ -69,6 +70,11 @@ def build_stages(env: simpy.Environment, scenario: sc.Scenario,
         device = scenario.device(getattr(cfg.service, "device", None) or cfg.nodes.device)
         svc = service.build(cfg.service, rngs[2 * k + 1], f"stages.{name}.service",
                             relay=name == relay_stage, device=device)
+        for source in (cfg.interference, getattr(svc, "interference", None)):   # block, profile
+            if source is not None:
+                for nd, ep in zip(nodes, timelines(source, len(nodes), scenario.run.seed, index,
+                                                   2 * k + (source is not cfg.interference))):
+                    nd.episodes = combined(nd.episodes, ep)
         pick = None
         if cfg.router not in ("shared", "delay"):
             pick = make_picker(cfg.router, nodes, rngs[2 * k], cfg.affinity.virtual_nodes,
@@ -97,7 +103,7 @@ def prepare(scenario: sc.Scenario, index: int) -> Prepared:
     rngs = stream(scenario.run.seed, index, 2 + 2 * len(scenario.stages))
     env = simpy.Environment()
     reqs = generate(scenario.workload, scenario.run, rngs[0])
-    stages = build_stages(env, scenario, rngs[1:-1])
+    stages = build_stages(env, scenario, rngs[1:-1], index)
     extrapolated = {}
     for s in stages:
         M = np.full(len(reqs), s.candidates) if s.candidates else reqs.candidates

@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover
     from click import ClickException
 
 from .cli_calibrate import calibrate
-from .cli_fidelity import fidelity, testbed
+from .cli_fidelity import fidelity, fit, testbed
 from .errors import InputError
 from .loader import load_scenario
 from .scenario import Scenario
@@ -287,6 +287,7 @@ def key_figures(results) -> Table:
 app.command()(calibrate)
 app.command()(testbed)
 app.command()(fidelity)
+app.command()(fit)
 
 
 def main() -> None:

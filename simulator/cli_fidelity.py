@@ -98,32 +98,90 @@ def testbed(
         print(p)
 
 
-def fidelity(
-    runs: list[Path] = typer.Argument(..., help="testbed run folders, or folders holding them"),
-    out: Path = typer.Option(Path("results/fidelity"), "--out", "-o", help="report folder"),
-    table: Optional[Path] = typer.Option(None, help="cost table to use instead of each run's own"),
-    replications: int = typer.Option(5, min=1, help="replications per simulated source"),
-    fit_run: Optional[str] = typer.Option(None, help="run the correction is fitted on "
-                                                     "(default: the relay run nearest 60% load; "
-                                                     "additive_pilot fits each run's own pilot)"),
-    sources: Optional[str] = typer.Option(None, help="comma-separated subset of: replay, replay_kernel, "
-                                                     "table, table_idle, ratio_iid, levels_temporal, "
-                                                     "additive_iid, additive_temporal, additive_pilot"),
-    bootstrap: int = typer.Option(1000, min=100, help="block-bootstrap resamples for measured CIs"),
-    jobs: int = typer.Option(0, min=0, help="processes, one run each at a time (0: one per core)"),
-    cross_fit: bool = typer.Option(False, "--cross-fit", help="also fit additive_iid on every run in turn "
-                                                             "and judge it on all (cross_fit.csv)"),
+def fit(
+    run: Path = typer.Argument(..., help="a serving-log folder (jobs.parquet or jobs.csv + run.yaml; "
+                                         "calibration/FORMAT.md)"),
+    out: Path = typer.Option(..., "--out", "-o", help="profile file to write (JSON)"),
 ):
-    """Compare simulated with measured ranking latency of testbed runs (simrec's error).
+    """Fit a serving profile from one serving log against its cost table.
 
-    Each run's scenario is simulated with several service-time sources; measured and
-    simulated P50/P90/P99/mean and hit rate go to fidelity.csv, fidelity.md, fidelity.json,
-    and fidelity.png (latency CDFs).
+    The profile holds the in-serving excess over the table (per phase, job size and how long
+    the device idled) and the slow episodes found in the log (rate, durations, slowdowns,
+    from a two-state hidden Markov model over windows of jobs). Use it in a scenario as
+    `service: {kind: gr, table: T, profile: FILE}`.
 
-    Example: simrec fidelity calibration/testbed_runs --out results/fidelity --replications 5
+    Example: simrec fit calibration/testbed_runs/h200_eager/full_u50_long --out full_u50.profile.json
+    """
+    from . import fidelity as fid
+    from .serving_log import load_log
+    from .serving_profile import save
+    try:
+        if out.exists() and not out.is_file():
+            raise InputError("exists and is not a file", str(out))
+        log = load_log(run)
+        profile, _ = fid.fit_log(log)
+        save(profile, out)
+    except InputError as e:
+        _fail(e)
+    except OSError as e:
+        _fail(InputError(f"cannot write: {e.strerror}", str(out)))
+    print(profile_summary(profile, log.name, out))
+
+
+def profile_summary(profile, name: str, out: Path) -> str:
+    """One screen: what was fitted, the excess by phase, the episodes and the model choice."""
+    import numpy as np
+    f = profile.info["fit"]
+    q = profile.quantiles
+    lines = [f"serving profile of {name}: {f['jobs']} jobs after warm-up, table {profile.info['table']['name']}",
+             "in-serving excess over the table median (ms), all idle states:",
+             "  phase           size class <= ms     n-pools  p50     p90     p99"]
+    for phase, ex in sorted(profile.phases.items()):
+        edges = ex.base_edges_ms + [float("inf")]
+        for (b, i), pool in sorted(ex.pools.items()):
+            if i != -1 or b < 0:
+                continue
+            n = sum(1 for k in ex.pools if k[0] == b)
+            p50, p90, p99 = (float(np.interp(x, q, pool)) for x in (0.5, 0.9, 0.99))
+            lines.append(f"  {phase:15s} {edges[b]:>16.3f}   {n:>7d}  {p50:6.3f}  {p90:6.3f}  {p99:6.3f}")
+    lines.append(f"slow episodes: windows of {f['window_s']} s ({f['windows_seen']} of {f['windows']} with "
+                 f"enough jobs); BIC one state / i.i.d. mixture / HMM: "
+                 + " / ".join(f"{v:.0f}" for v in f.get("bic", {}).values()))
+    if profile.episodes is None:
+        lines.append(f"  none: {f.get('reason', 'no slow windows')}")
+    else:
+        d, s = f["duration_s"], f["slowdown"]
+        lines.append(f"  {f['episodes']} episodes, {f['rate_per_min']:.2f} per minute of normal running, "
+                     f"{f['time_in_episodes']:.1%} of the time; duration s median {d['median']} "
+                     f"[{d['min']}, {d['max']}]; slowdown median x{s['median']} [{s['min']}, {s['max']}]")
+    lines.append(f"written: {out}")
+    return "\n".join(lines)
+
+
+def fidelity(
+    runs: list[Path] = typer.Argument(..., help="serving-log folders, or folders holding them"),
+    out: Path = typer.Option(Path("results/fidelity"), "--out", "-o", help="report folder"),
+    fit_run: Optional[str] = typer.Option(None, help="log the profile is fitted on (default: the longest)"),
+    cross_fit: bool = typer.Option(False, "--cross-fit", help="fit the profile on every log in turn and "
+                                                             "judge it on all (one row per pair)"),
+    replications: int = typer.Option(10, min=2, help="replications per simulated source (the prediction "
+                                                     "interval's sample)"),
+    sources: Optional[str] = typer.Option(None, help="comma-separated subset of: replay, table, profile"),
+    bootstrap: int = typer.Option(1000, min=100, help="block-bootstrap resamples for measured intervals"),
+    jobs: int = typer.Option(0, min=0, help="processes (0: one per core)"),
+):
+    """Compare simulated with measured ranking latency of serving logs (simrec's error).
+
+    Each log is simulated from the scenario simrec derives from it, with the logged times
+    (replay), the cost table (table) and the table under a serving profile fitted on one log
+    (profile). fidelity.csv has one row per (run, source, fit run): measured P50/P99 with a
+    block-bootstrap interval, simulated P50/P99 with a 95% prediction interval for a window
+    of the run's length. Also fidelity.md, fidelity.json, fidelity.png and profiles/.
+
+    Example: simrec fidelity calibration/testbed_runs/h200_eager --cross-fit --out results/fidelity
     """
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import fidelity as fid
     try:
@@ -133,16 +191,13 @@ def fidelity(
             bad = [s for s in chosen if s not in fid.SOURCES]
             if bad or not chosen:
                 raise InputError(f"unknown source(s) {bad} (known: {', '.join(fid.SOURCES)})", "--sources")
-        with Progress(SpinnerColumn(), TextColumn("[bold]fidelity[/] {task.description}"),
-                      TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("loading runs")
-            report = fid.run_fidelity(runs, out, str(table) if table else None, replications, fit_run,
-                                      chosen, bootstrap, lambda s: bar.update(task, description=f"{s} done"),
-                                      jobs or os.cpu_count() or 1, cross_fit)
+        with Progress(TextColumn("[bold]fidelity[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("simulations", total=None)
+            report = fid.run_fidelity(runs, out, fit_run, cross_fit, replications, chosen, bootstrap,
+                                      jobs or os.cpu_count() or 1,
+                                      lambda k, n: bar.update(task, completed=k, total=n))
     except InputError as e:
         _fail(e)
-    main = tuple(s for s in fid.MAIN_SOURCES if s in chosen) or chosen
-    print(report.markdown(main))
-    if report.cross is not None:
-        print("\n" + fid.cross_fit_markdown(report.cross))
+    print(report.markdown())
     print(f"results: {out}")

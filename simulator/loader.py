@@ -122,15 +122,15 @@ def with_overrides(scenario: Scenario, overrides: dict[str, Any]) -> Scenario:
 
 
 def resolve_paths(data: dict, base: Path) -> None:
-    """Make trace and table paths absolute, relative to the scenario's folder."""
+    """Make trace, table and profile paths absolute, relative to the scenario's folder."""
     arrivals = (data.get("workload") or {}).get("arrivals")
     if isinstance(arrivals, dict) and isinstance(arrivals.get("path"), str):
         arrivals["path"] = str((base / arrivals["path"]).resolve())
     for stage in (data.get("stages") or {}).values():
         service = stage.get("service") if isinstance(stage, dict) else None
-        for key in ("table", "fit_from"):
+        for key in ("table", "fit_from", "profile"):
             ref = service.get(key) if isinstance(service, dict) else None
-            if isinstance(ref, str) and ("/" in ref or ref.endswith(".json")):
+            if isinstance(ref, str) and ("/" in ref or ref.endswith(".json") or key == "profile"):
                 service[key] = str((base / ref).resolve())
 
 

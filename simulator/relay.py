@@ -82,22 +82,25 @@ class Relay:
         cache = self.caches[node.index]
         self._reference(node, rid, user, L, M)
         entry = cache.entries.get(user)
+        pin = self.cfg.cache.pin == "until_ranked"
         if entry is not None:          # prefix resident or being computed: just pin it
-            if entry.pins == 0:
-                cache.pinned += entry.nbytes
-            entry.pins += 1
-            self.pinned_at[rid] = node.index
+            if pin:
+                if entry.pins == 0:
+                    cache.pinned += entry.nbytes
+                entry.pins += 1
+                self.pinned_at[rid] = node.index
             self.pre[rid] = ALREADY_CACHED
             return
         if not self.triggered(node, L, M, env.now):
             self.pre[rid] = NOT_TRIGGERED
             return
         nbytes = self.phases.prefix_bytes(L)
-        if not self.admissible(node, cache, nbytes) or cache.reserve(user, nbytes, env.now) is None:
+        if not self.admissible(node, cache, nbytes) or cache.reserve(user, nbytes, env.now, pin) is None:
             self.pre[rid] = REJECTED
             self.counters.rejected += 1
             return
-        self.pinned_at[rid] = node.index
+        if pin:
+            self.pinned_at[rid] = node.index
         self.pre[rid] = ADMITTED
         self.counters.admitted += 1
         job = Job(rid, user, L, 0, env.now, None, kind=PRE_JOB)
@@ -309,6 +312,7 @@ class Relay:
 def relay_worker(env: simpy.Environment, relay: Relay, node: Node):
     """One job at a time; pre-infer and ranking jobs share the device."""
     order = relay.cfg.queue
+    bind = getattr(relay.phases, "bind", None)     # a cost model that depends on the node's state
     while True:
         while not node.queue and not node.pre_queue:
             node.wakeup = env.event()
@@ -318,6 +322,8 @@ def relay_worker(env: simpy.Environment, relay: Relay, node: Node):
         else:
             job = node.queue.popleft()
         node.backlog_ms -= job.pred_ms
+        if bind is not None:
+            bind(node, env.now)
         if job.kind == PRE_JOB:
             t = relay.pre_cost(job, node, env.now)
             if t > 0:
@@ -326,8 +332,7 @@ def relay_worker(env: simpy.Environment, relay: Relay, node: Node):
             relay.counters.time_in_queue_ms += env.now - job.enqueued_ms
         else:
             start = env.now
-            t = relay.rank_cost(job, node, start)
-            yield from serve(env, node, 1, t)
+            t = yield from serve(env, node, 1, relay.rank_cost(job, node, start))
             job.node, job.start_ms, job.service_ms, job.batch = node.index, start, t, 1
             relay.ranked(job, node, env.now)
             job.done.succeed()

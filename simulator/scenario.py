@@ -86,6 +86,11 @@ class EmpiricalService(Strict):
     samples_ms: list[PositiveFloat] = Field(min_length=1)
 
 
+PROFILE_HELP = ("a serving profile fitted by `simrec fit` against this table: each job then costs "
+                "the table's median plus the profile's in-serving excess, and the stage's nodes get "
+                "the profile's slow episodes (DESIGN.md, trace-corrected cost model)")
+
+
 class TableService(Strict):
     """A phase of a measured cost table, looked up by the request's (L, M)."""
 
@@ -94,6 +99,7 @@ class TableService(Strict):
     phase: str
     condition: str = "isolated"
     extrapolate: bool = Field(False, description="allow shapes outside the measured grid")
+    profile: str | None = Field(None, description=PROFILE_HELP)
 
 
 class GRService(Strict):
@@ -110,6 +116,7 @@ class GRService(Strict):
     extrapolate: bool = False
     kv_bytes_per_token: PositiveInt | None = Field(
         None, description="prefix KV bytes per history token; default: the table's model")
+    profile: str | None = Field(None, description=PROFILE_HELP)
 
 
 class RooflineModel(Strict):
@@ -274,6 +281,20 @@ class Batching(Strict):
     marginal_cost: Annotated[float, Field(gt=0, le=1)] = 1.0
 
 
+class Interference(Strict):
+    """Slow episodes on a stage's nodes (what-if, or fitted: a `profile` brings its own).
+
+    Episodes start as a Poisson process at `rate_per_min` per minute of normal running; each
+    lasts `duration_s` and every job that starts inside it runs `slowdown` x its time. With
+    `scope: host` the `nodes_per_host` consecutive nodes of a host share one timeline."""
+
+    rate_per_min: Annotated[float, Field(gt=0, le=6000, allow_inf_nan=False)]
+    duration_s: Distribution
+    slowdown: Distribution = Field(description="factor on a job's time during an episode (> 0)")
+    scope: Literal["node", "host"] = "node"
+    nodes_per_host: PositiveInt = 1
+
+
 class Stage(Strict):
     nodes: NodePool = NodePool()
     router: Literal["shared", "delay", "random", "round_robin", "least_loaded", "power_of_two",
@@ -290,6 +311,8 @@ class Stage(Strict):
     candidates: PositiveInt | None = Field(
         None, description="candidates this stage handles per request; default: the request's M")
     hop_ms: NonNegFloat = Field(0.0, description="network latency to the next stage")
+    interference: Interference | None = Field(
+        None, description="slow episodes on this stage's nodes, on top of a profile's own")
 
 
 class NoTrigger(Strict):
@@ -328,6 +351,10 @@ class PrefixCacheConfig(Strict):
     keep_full: bool = Field(
         False, description="a ranking that ran the full forward pass keeps the history KV it "
                            "computed (unpinned), for the user's next request")
+    pin: Literal["until_ranked", "none"] = Field(
+        "until_ranked", description="an admitted prefix is pinned until its ranking starts, or "
+                                    "(`none`) it can be evicted before it is used, as on servers "
+                                    "that do not pin")
 
 
 class Expander(Strict):

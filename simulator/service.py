@@ -136,7 +136,22 @@ def _span(grid) -> str:
 
 def build(model: sc.ServiceModel, rng: np.random.Generator, where: str,
           relay: bool = False, device: sc.DeviceSpec | None = None) -> ServiceTime:
-    """The runtime service-time model for a scenario's `service` block."""
+    """The runtime service-time model for a scenario's `service` block (under its serving
+    profile, if it names one)."""
+    base = _build(model, rng, where, relay, device)
+    profile = getattr(model, "profile", None)
+    if profile is None:
+        return base
+    from .serving_profile import InServing, load
+    try:
+        prof = load(profile)
+    except InputError as e:
+        raise InputError(e.message, e.source, f"{where}.profile" + (f" {e.path}" if e.path else "")) from None
+    return InServing(base, prof, rng, getattr(model, "phase", "full_forward"))
+
+
+def _build(model: sc.ServiceModel, rng: np.random.Generator, where: str,
+           relay: bool, device: sc.DeviceSpec | None) -> ServiceTime:
     if isinstance(model, sc.ConstantService):
         return Constant(model.ms)
     if isinstance(model, sc.ExponentialService):

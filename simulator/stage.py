@@ -49,6 +49,7 @@ class Node:
     backlog_ms: float = 0.0        # predicted work queued (relay stages keep this)
     busy_starts: list = field(default_factory=list)
     busy_ends: list = field(default_factory=list)
+    episodes: object = None        # interference.Episodes: slow spells on this node, or None
 
     def submit(self, job: Job) -> None:
         self.queue.append(job)
@@ -90,6 +91,7 @@ def batch_service_ms(stage: Stage, batch: list[Job]) -> float:
 def node_worker(env: simpy.Environment, stage: Stage, node: Node):
     """Serve the node's queue forever, one batch at a time."""
     queue, max_batch, max_wait = node.queue, stage.max_batch, stage.max_wait_ms
+    bind = getattr(stage.service, "bind", None)     # a cost model that depends on the node's state
     while True:
         while not queue:   # a shared queue may be emptied by a sibling before we run
             node.wakeup = env.event()
@@ -104,9 +106,10 @@ def node_worker(env: simpy.Environment, stage: Stage, node: Node):
                 continue
         n = min(len(queue), max_batch)
         batch = [queue.popleft() for _ in range(n)]
-        t = batch_service_ms(stage, batch)
         now = env.now
-        yield from serve(env, node, n, t)
+        if bind is not None:
+            bind(node, now)
+        t = yield from serve(env, node, n, batch_service_ms(stage, batch))
         for job in batch:
             job.node = node.index
             job.start_ms, job.service_ms, job.batch = now, t, n
@@ -114,13 +117,17 @@ def node_worker(env: simpy.Environment, stage: Stage, node: Node):
 
 
 def serve(env: simpy.Environment, node: Node, n: int, t: float):
-    """Hold the node busy with n jobs for t ms, keeping its busy accounting."""
+    """Hold the node busy with n jobs for t ms (stretched by a slow episode the node is in),
+    keeping its busy accounting. Returns the time it took."""
+    if node.episodes is not None:
+        t *= node.episodes.factor_at(env.now)
     node.in_service, node.busy_since, node.current_ms = n, env.now, t
     node.busy_starts.append(env.now)
     yield env.timeout(t)
     node.busy_ms += t
     node.in_service, node.busy_since = 0, -1.0
     node.busy_ends.append(env.now)
+    return t
 
 
 def make_dispatch(env: simpy.Environment, kind: str, nodes: list[Node],

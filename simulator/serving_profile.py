@@ -1,0 +1,195 @@
+"""A serving profile: how a cost table's jobs run in serving, fitted from a serving log.
+
+A cost table holds isolated microbenchmarks. In serving the same job takes longer, for two
+kinds of reason that the profile keeps apart:
+
+- an **in-serving excess**, per job: launches, input copies, the host's bookkeeping, a GPU
+  that clocked down while it idled. It is additive (it does not grow with the work) and is
+  kept as quantiles per phase, per size class of the job's table median (host-bound shapes
+  carry more of it) and per idle bin (how long the device had idled when the job arrived);
+- **slow episodes**: spells of seconds in which every job runs slower, represented as an
+  `Interference` config (`interference.py`), the same thing a scenario can declare by hand.
+
+`simrec fit` writes a profile (`profile_fit.py`); a `table` or `gr` service uses one with
+`profile: FILE`. Each job then costs table median + drawn excess, times the node's episode
+slowdown. The profile replaces the table's own isolated noise, which is part of the excess.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import scenario as sc
+from .errors import InputError
+
+FORMAT = "simrec-serving-profile"
+VERSION = 1
+IDLE_EDGES_MS = (0.0, 0.5, 2.0, 10.0)   # idle bins: queued, <=0.5, <=2, <=10, longer
+ALL = "*"                               # the pool over all phases (phases the fit never saw)
+
+
+def idle_bin(idle_ms: float) -> int:
+    """0: the job queued (no idle); k: idle in (IDLE_EDGES_MS[k-1], IDLE_EDGES_MS[k]]."""
+    return bisect.bisect_left(IDLE_EDGES_MS, idle_ms)
+
+
+@dataclass
+class PhaseExcess:
+    """Excess quantiles of one phase: pools keyed (size class, idle bin); -1 = any."""
+
+    base_edges_ms: list[float]              # size classes: bisect of the job's table median
+    pools: dict[tuple[int, int], np.ndarray]
+
+    def pool(self, base_ms: float, idle_ms: float) -> np.ndarray | None:
+        b = bisect.bisect_right(self.base_edges_ms, base_ms)
+        got = self.pools.get((b, idle_bin(idle_ms)))
+        return got if got is not None else self.pools.get((b, -1))
+
+
+@dataclass
+class Profile:
+    quantiles: np.ndarray                   # the probability grid every pool is stored on
+    phases: dict[str, PhaseExcess]          # phase name (or ALL) -> its excess
+    episodes: sc.Interference | None        # None: the fit found no slow episodes
+    info: dict                              # provenance and fit diagnostics, as written
+
+    def pool(self, phase: str, base_ms: float, idle_ms: float) -> np.ndarray:
+        """The excess pool of a job: its phase's, else the all-phase pool of its size class
+        and idle bin, else the all-phase pool of every job (key (-1, -1))."""
+        for name in (phase, ALL):
+            ex = self.phases.get(name)
+            got = ex.pool(base_ms, idle_ms) if ex is not None else None
+            if got is not None:
+                return got
+        return self.phases[ALL].pools[(-1, -1)]
+
+    # ------------------------------------------------------------------ file
+    def to_json(self) -> dict:
+        phases = {name: {"base_edges_ms": ex.base_edges_ms,
+                         "pools": {f"{b}|{i}": [round(float(v), 5) for v in q]
+                                   for (b, i), q in sorted(ex.pools.items())}}
+                  for name, ex in sorted(self.phases.items())}
+        ep = None if self.episodes is None else self.episodes.model_dump(mode="json")
+        return {"format": FORMAT, "version": VERSION, **self.info,
+                "excess_ms": {"quantiles": [round(float(q), 6) for q in self.quantiles],
+                              "idle_edges_ms": list(IDLE_EDGES_MS), "phases": phases},
+                "episodes": ep}
+
+    @classmethod
+    def from_json(cls, data: dict, source: str) -> "Profile":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise InputError(f"not a serving profile (no \"format\": \"{FORMAT}\")", source)
+        if data.get("version") != VERSION:
+            raise InputError(f"serving profile version {data.get('version')!r} is not {VERSION}", source,
+                             "version")
+        try:
+            ex = data["excess_ms"]
+            q = np.asarray(ex["quantiles"], float)
+            phases = {}
+            for name, p in ex["phases"].items():
+                pools = {}
+                for key, vals in p["pools"].items():
+                    b, i = (int(x) for x in key.split("|"))
+                    v = np.asarray(vals, float)
+                    if v.shape != q.shape or not np.all(np.isfinite(v)) or np.any(np.diff(v) < 0):
+                        raise ValueError(f"pool {name} {key}: need {len(q)} finite ascending values")
+                    pools[(b, i)] = v
+                phases[name] = PhaseExcess([float(e) for e in p["base_edges_ms"]], pools)
+            if ALL not in phases or (-1, -1) not in phases[ALL].pools:
+                raise ValueError(f"no pool over all jobs (phase {ALL!r}, key '-1|-1')")
+            if q.ndim != 1 or len(q) < 2 or q[0] != 0 or q[-1] != 1 or np.any(np.diff(q) <= 0):
+                raise ValueError("quantiles must ascend from 0 to 1")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise InputError(f"malformed serving profile: {e}", source, "excess_ms") from None
+        episodes = None
+        if data.get("episodes") is not None:
+            try:
+                episodes = sc.Interference.model_validate(data["episodes"])
+            except Exception as e:        # pydantic's ValidationError: one line is enough
+                first = str(e).splitlines()[1:3]
+                raise InputError(f"bad episodes block: {' '.join(s.strip() for s in first)}", source,
+                                 "episodes") from None
+        info = {k: v for k, v in data.items() if k not in ("format", "version", "excess_ms", "episodes")}
+        return cls(q, phases, episodes, info)
+
+
+def save(profile: Profile, path: Path) -> Path:
+    from .folders import write_json_atomic
+    write_json_atomic(Path(path), profile.to_json())
+    return Path(path)
+
+
+_LOADED: dict[tuple[str, str], Profile] = {}
+
+
+def load(path: str | Path) -> Profile:
+    """A profile file, memoised by path and content hash (sweeps load it once per process)."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes() if p.is_file() else None
+    except OSError as e:
+        raise InputError(f"cannot read serving profile: {e.strerror}", str(p)) from None
+    if raw is None:
+        raise InputError("serving profile not found (a file written by `simrec fit`)", str(p))
+    key = (str(p.resolve()), hashlib.sha256(raw).hexdigest())
+    if key not in _LOADED:
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            raise InputError(f"serving profile is not JSON: {e}", str(p)) from None
+        _LOADED.clear()
+        _LOADED[key] = Profile.from_json(data, str(p))
+    return _LOADED[key]
+
+
+# ----------------------------------------------------------------------------- cost model
+
+class InServing:
+    """A stage's cost model under a profile: a phase costs its table median plus an excess
+    drawn for the phase, the median's size class and how long the node had idled.
+
+    The workers call `bind(node, now)` before pricing a job: the excess depends on the node's
+    state, which the table cost models never needed. Everything else (medians for the relay's
+    predictions, prefix sizes, shape checks) is the wrapped model's."""
+
+    def __init__(self, base, profile: Profile, rng: np.random.Generator, phase: str = "full_forward"):
+        from .service import Draws
+        self.base, self.profile, self.default_phase = base, profile, phase
+        self.interference = profile.episodes
+        self._u = Draws(rng, lambda r, n: r.uniform(0, 1, n))
+        self._idle = math.inf
+        self._median = (base.median if hasattr(base, "median")
+                        else lambda name, L, M=0: base.curve.median_ms(L, M))
+        self._q = profile.quantiles
+        for attr in ("curves", "kv_bytes_per_token", "curve"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+
+    def bind(self, node, now: float) -> None:
+        ends = node.busy_ends
+        self._idle = max(now - ends[-1], 0.0) if ends else math.inf
+
+    def phase(self, name: str, L: int, M: int = 0) -> float:
+        med = self._median(name, L, M)
+        pool = self.profile.pool(name, med, self._idle)
+        excess = float(np.interp(self._u.next(), self._q, pool))
+        return max(med + excess, 1e-6)
+
+    def sample(self, L: int, M: int) -> float:
+        return self.phase(self.default_phase, L, M)
+
+    def median(self, name: str, L: int, M: int = 0) -> float:
+        return self._median(name, L, M)
+
+    def prefix_bytes(self, L: int) -> int:
+        return self.base.prefix_bytes(L)
+
+    def check(self, L, M) -> int:
+        return self.base.check(L, M)
