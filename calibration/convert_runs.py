@@ -6,9 +6,10 @@ only (kind, request_id, start_ms, end_ms, outcome, phase), ``trace.parquet`` (pe
 arrival_ms = pre-infer signal time, user_id, history_len, candidates), ``scenario.yaml`` and
 ``meta.json``. Per run folder this writes
 
-- ``jobs.parquet``: the documented columns rebuilt exactly as ``simrec.fidelity.load_run``
-  rebuilds them (user_id, history_len, candidates from the trace; arrival_ms = signal time,
-  + lead_ms for ranking jobs), in the order the testbed logged the jobs (its execution /
+- ``jobs.parquet``: the documented columns rebuilt exactly as ``load_run`` rebuilds them
+  (``calibration/legacy_run.py``, formerly ``simrec.fidelity.load_run``): user_id,
+  history_len, candidates from the trace; arrival_ms = signal time, + lead_ms for ranking
+  jobs; in the order the testbed logged the jobs (its execution /
   decision order: started jobs are already in start order), plus ``phase``; the rank
   outcome ``pending`` (the prefix was still being computed, so the job ran full_forward) is
   written as ``miss``;
@@ -18,9 +19,11 @@ arrival_ms = pre-infer signal time, user_id, history_len, candidates), ``scenari
 
 Before anything is replaced, ``load_log`` of the new folder must reproduce arrival_ms,
 start_ms, end_ms, user_id, history_len and candidates (and kind, request_id, outcome,
-phase, service_ms, overhead_ms, latency_ms) of ``load_run`` of the old one exactly. The new
-folder is built beside the old one and swapped in by rename; trace.parquet and
-scenario.yaml (and meta.json when embedded) are then gone.
+phase, service_ms, overhead_ms, latency_ms) of ``load_run`` of the old one exactly, and
+meta.json must agree with scenario.yaml (table, warm-up, lead, policy). The new folder is
+built beside the old one and swapped in by rename (checked again in place); trace.parquet
+and scenario.yaml (and meta.json when embedded) are then gone. Other files in a run folder
+are carried over.
 
     python -m calibration.convert_runs calibration/testbed_runs/h200_eager/relay_u30 ...
     python -m calibration.convert_runs --dry-run calibration/testbed_runs/eager   # check only
@@ -30,18 +33,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import yaml
 
+from simrec.calibration.legacy_run import Run as OldRun, load_run
 from simrec.errors import InputError
 from simrec.serving_log import JOB_COLUMNS, RUN_FILE, ServingLog, load_log, write_log
 
@@ -51,67 +53,6 @@ OUTCOME_MAP = {("rank", "pending"): "miss"}
 EXACT = ("arrival_ms", "start_ms", "end_ms", "user_id", "history_len", "candidates",
          "request_id")
 DERIVED = ("service_ms", "overhead_ms", "latency_ms")   # ServingLog.ran / ranking compute them
-
-
-# ----------------------------------------------------------------------------- the older layout
-# A pinned copy of simrec.fidelity's reader of the older layout (load_run and
-# with_derived_columns as of the commit that introduced serving logs), so that the
-# conversion does not depend on a module that now reads serving logs instead.
-
-@dataclass
-class OldRun:
-    name: str
-    folder: Path
-    meta: dict
-    jobs: pd.DataFrame       # stored columns + the derived ones, as load_run built them
-    trace: pd.DataFrame
-    scenario: dict           # scenario.yaml as parsed (not validated)
-
-
-def load_run(folder: Path) -> OldRun:
-    folder = Path(folder)
-    for f in OLD_FILES:
-        if not (folder / f).exists():
-            raise InputError(f"testbed run is missing {f}", str(folder))
-    scen = yaml.safe_load((folder / "scenario.yaml").read_text())
-    trace = pd.read_parquet(folder / "trace.parquet")
-    meta = json.loads((folder / "meta.json").read_text())
-    jobs = with_derived_columns(pd.read_parquet(folder / "jobs.parquet"), trace, meta["workload"]["lead_ms"])
-    for c in ("kind", "outcome", "phase"):
-        jobs[c] = jobs[c].astype(str)
-    return OldRun(folder.name, folder, meta, jobs, trace, scen)
-
-
-def with_derived_columns(jobs: pd.DataFrame, trace: pd.DataFrame, lead_ms: float) -> pd.DataFrame:
-    """Add back what the testbed does not store, computed exactly as the testbed computed
-    it: the request's user, length and candidates (from the trace); arrival_ms (the signal
-    time, + lead_ms for ranking jobs); service_ms = end - start; overhead_ms = start -
-    max(arrival, the previous executed job's end); latency_ms = end - arrival (rank jobs).
-    Columns an older run stores are kept as stored."""
-    rid = jobs["request_id"].to_numpy()
-    rank = jobs["kind"].astype(str).to_numpy() == "rank"
-    out = jobs.copy()
-    for c in ("user_id", "history_len", "candidates"):
-        if c not in out:
-            out[c] = trace[c].to_numpy()[rid]
-    if "arrival_ms" not in out:
-        sig = trace["arrival_ms"].to_numpy()
-        out["arrival_ms"] = np.where(rank, (sig + lead_ms)[rid], sig[rid])
-    start, end, arrival = (out[c].to_numpy() for c in ("start_ms", "end_ms", "arrival_ms"))
-    if "service_ms" not in out:
-        out["service_ms"] = end - start
-    if "overhead_ms" not in out:
-        ran = np.flatnonzero(~np.isnan(start))            # executed jobs, logged in order
-        prev_end = np.concatenate([[0.0], end[ran][:-1]])
-        overhead = np.full(len(out), np.nan)
-        overhead[ran] = start[ran] - np.maximum(arrival[ran], prev_end)
-        out["overhead_ms"] = overhead
-    if "latency_ms" not in out:
-        out["latency_ms"] = np.where(rank, end - arrival, np.nan)
-    return out
-
-
-# ----------------------------------------------------------------------------- conversion
 
 
 def is_old_run(folder: Path) -> bool:
@@ -180,8 +121,8 @@ def converted(run: OldRun) -> tuple[pd.DataFrame, dict, dict, int]:
 
 
 def _agree(run: OldRun, policy: dict, lead_ms: float, warmup_s: float, table: str) -> None:
-    """meta.json and scenario.yaml must describe the same system."""
-    scen = run.scenario
+    """meta.json and scenario.yaml (as written, not as validated) must describe the same system."""
+    scen = yaml.safe_load((run.folder / "scenario.yaml").read_text())
     problems = []
     if float((scen.get("run") or {}).get("warmup_s") or 0.0) != warmup_s:
         problems.append(f"warmup_s {scen['run'].get('warmup_s')} vs meta {warmup_s}")

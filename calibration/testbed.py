@@ -40,13 +40,11 @@ arrival (ranking jobs), the cache outcome and the phase that ran. Pre-infer sign
 made no job (``skipped``: prefix already cached; ``rejected``: no room) are logged as
 ``pre`` rows without times.
 
-Each run folder holds ``jobs.parquet``, ``trace.parquet`` (arrival_ms = pre-infer signal
-time = ranking arrival - lead_ms, user_id, history_len, candidates), ``scenario.yaml``
-(simrec's description of the same system; see ``scenario_dict``) and ``meta.json``.
-``jobs.parquet`` stores the measured columns only (``STORED_COLUMNS``); arrival_ms,
-service_ms, overhead_ms, latency_ms and the request's user_id / history_len / candidates
-follow from them, the trace and lead_ms (``simrec.fidelity.load_run`` adds them back, bit
-for bit): runs stay small enough to commit.
+Each run folder is a serving log (calibration/FORMAT.md, "Serving-log format"):
+``jobs.parquet`` (the documented columns plus ``phase``; a cancelled pre-infer job, one whose
+prefix was dropped before it ran, keeps its start and end) and ``run.yaml`` (device, table,
+policy, lead_ms, warmup_s; ``meta``: configuration, plan, cache counters, summary). simrec
+derives the scenario of the same system from the log (``simrec.fidelity.scenario_dict``).
 
 Runs with torch, numpy, pandas, pyarrow and pyyaml alone (no simrec, no pydantic), so it
 works on a bare GPU machine from the repository root::
@@ -80,7 +78,6 @@ import yaml
 from .gr_models import GRModel, GRSpec, Phases, build_model
 
 POLICIES = ("full", "relay")
-STORED_COLUMNS = ("kind", "request_id", "start_ms", "end_ms", "outcome", "phase")
 RANK, PRE = 0, 1
 KINDS = {RANK: "rank", PRE: "pre"}
 # Job outcomes (jobs.parquet `outcome`).
@@ -89,7 +86,6 @@ OUTCOMES = {NONE: "none", HIT: "hit", MISS: "miss", PENDING: "pending", COMPUTED
             CANCELLED: "cancelled", SKIPPED: "skipped", REJECTED: "rejected"}
 PHASES = {0: "", 1: "full_forward", 2: "rank_cached", 3: "prefix_encode"}
 P_NONE, P_FULL, P_RANK, P_ENCODE = 0, 1, 2, 3
-UPSTREAM = "upstream"    # name of the pure-delay stage in the written scenario
 SPIN_MS = 1.0            # the last stretch of an idle wait is spun, not slept (wake-up accuracy)
 
 
@@ -427,85 +423,57 @@ def run_summary(jobs: pd.DataFrame, warmup_frac: float = 0.1) -> dict:
 
 # ----------------------------------------------------------------------------- scenario file
 
-def scenario_dict(name: str, policy: Policy, lead_ms: float, table_ref: str, trace_ref: str,
-                  device: str, warmup_s: float, description: str = "") -> dict:
-    """simrec's description of a testbed run: the trace replayed, a pure delay of lead_ms
-    between the pre-infer signal and the ranking request, one ranking node with the GR model
-    costed from the table, and (relay) the same trigger, queue and cache bound."""
-    scen = {
-        "name": name,
-        "description": description,
-        "workload": {"arrivals": {"kind": "trace", "path": trace_ref}},
-        "stages": {
-            UPSTREAM: {"nodes": {"count": 1, "device": "cpu"}, "router": "delay",
-                       "service": {"kind": "constant", "ms": float(lead_ms)}},
-            "ranking": {"nodes": {"count": 1, "device": device}, "router": "round_robin",
-                        "queue": "fifo", "service": {"kind": "gr", "table": table_ref}},
-        },
-        "slo": {"p99_ms": 100.0},
-        "run": {"replications": 5, "seed": 1, "warmup_s": float(warmup_s)},
-    }
-    if policy.kind == "relay":
-        scen["relay"] = {"stage": "ranking", "signal_after": "arrival", "signal_ms": 0.0,
-                         "trigger": {"kind": "length", "min_history_len": int(policy.min_history_len)},
-                         "queue": "fifo", "cache": {"hbm_bytes": int(policy.cache_bytes)}}
-    return scen
+LOG_COLUMNS = ("kind", "request_id", "user_id", "history_len", "candidates", "arrival_ms", "start_ms", "end_ms",
+               "outcome", "phase")
+
+
+def log_jobs(jobs: pd.DataFrame) -> pd.DataFrame:
+    """The job log in the serving-log format (calibration/FORMAT.md): the documented columns
+    plus `phase`; a ranking that found its prefix still pending ran the full pass: `miss`."""
+    out = jobs[list(LOG_COLUMNS)].copy()
+    for c in ("kind", "outcome", "phase"):
+        out[c] = out[c].astype(str)
+    out.loc[(out["kind"] == "rank") & (out["outcome"] == "pending"), "outcome"] = "miss"
+    return out
 
 
 def write_run(result: RunResult, folder: Path, name: str, workload: Workload, policy: Policy,
               table_dir: Path, manifest: dict, device: torch.device, extra: dict,
               warmup_frac: float = 0.1) -> Path:
-    """Write jobs.parquet, trace.parquet, scenario.yaml and meta.json into folder/name."""
+    """Write a serving log (jobs.parquet + run.yaml, FORMAT.md) into folder/name; run.yaml's
+    `meta` holds the testbed's configuration, plan, cache counters and summary."""
     out = folder / name
     out.mkdir(parents=True, exist_ok=True)
-    write_jobs(result.jobs, out / "jobs.parquet")
-    write_trace(result.trace, out / "trace.parquet")
+    write_jobs(log_jobs(result.jobs), out / "jobs.parquet")
     arrivals = result.trace["arrival_ms"].to_numpy()
     warmup_s = float(arrivals[int(len(arrivals) * warmup_frac)]) / 1000.0 if len(arrivals) else 0.0
     table_ref = os.path.relpath(Path(table_dir).resolve(), out.resolve())
-    preset = "h100" if device.type == "cuda" else "cpu"
-    desc = (f"testbed run {name}: {policy.kind} policy at {workload.rate_qps:.1f} req/s on "
-            f"{_device_name(device)}; written by calibration/testbed.py")
-    scen = scenario_dict(name, policy, workload.lead_ms, table_ref, "trace.parquet", preset, warmup_s, desc)
-    (out / "scenario.yaml").write_text(yaml.safe_dump(scen, sort_keys=False))
-    meta = {"name": name, "policy": asdict(policy), "workload": asdict(workload),
-            "table": {"path": table_ref, "name": manifest.get("name"), "sha256": manifest.get("sha256")},
-            "model": manifest.get("model"), "device": _device_name(device),
+    pol = {"kind": policy.kind}
+    if policy.kind == "relay":
+        pol.update(min_history_len=int(policy.min_history_len), cache_bytes=int(policy.cache_bytes),
+                   pin="until_ranked")
+    meta = {"name": name, "workload": asdict(workload),
+            "table": {"name": manifest.get("name"), "sha256": manifest.get("sha256")},
+            "model": manifest.get("model"),
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,
                          "python": platform.python_version()},
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "warmup_s": warmup_s, "summary": run_summary(result.jobs, warmup_frac),
-            **result.info, **extra,
-            "stored_columns": list(STORED_COLUMNS),
-            "columns": {"arrival_ms": "(derived) when the job arrived (pre: signal time = trace "
-                                      "arrival_ms; rank: signal + lead_ms), ms since the run's time zero",
-                        "start_ms": "when the worker started the job (cache decision, then launches)",
-                        "end_ms": "after the device finished it (synchronised)",
-                        "service_ms": "(derived) end_ms - start_ms",
-                        "overhead_ms": "(derived) start_ms - max(arrival_ms, previous executed job's "
-                                       "end_ms): host time between the worker being free for the job "
-                                       "and starting it",
-                        "latency_ms": "(derived) end_ms - arrival_ms (rank jobs)",
-                        "outcome": "rank: hit / miss / pending / none (full policy); pre: computed / "
-                                   "cancelled / skipped (prefix already cached) / rejected (no room)"}}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            "summary": run_summary(result.jobs, warmup_frac), **result.info, **extra}
+    run = {"device": _device_name(device), "table": table_ref, "policy": pol,
+           "lead_ms": float(workload.lead_ms), "warmup_s": warmup_s,
+           "meta": json.loads(json.dumps(meta, default=float))}
+    (out / "run.yaml").write_text(yaml.safe_dump(run, sort_keys=False))
     return out
 
 
 def write_jobs(jobs: pd.DataFrame, path: Path) -> None:
-    """The measured columns only; simrec.fidelity.with_derived_columns rebuilds the rest.
-    Encodings chosen for size (a long run must fit the device's 16 MiB per returned file):
-    times byte-stream-split, request ids delta-coded, the small code columns dictionary-coded;
-    zstd over all. About 9 bytes per job."""
-    jobs[list(STORED_COLUMNS)].to_parquet(
+    """Encodings chosen for size (a long run must fit the device's 16 MiB per returned file):
+    times byte-stream-split, ids delta-coded, the small code columns dictionary-coded; zstd."""
+    jobs.to_parquet(
         path, index=False, compression="zstd", use_dictionary=["kind", "outcome", "phase"],
-        use_byte_stream_split=["start_ms", "end_ms"], column_encoding={"request_id": "DELTA_BINARY_PACKED"})
-
-
-def write_trace(trace: pd.DataFrame, path: Path) -> None:
-    """The requests, encoded like write_jobs (arrival times byte-stream-split)."""
-    trace.to_parquet(path, index=False, compression="zstd", use_dictionary=["history_len", "candidates"],
-                     use_byte_stream_split=["arrival_ms"])
+        use_byte_stream_split=["arrival_ms", "start_ms", "end_ms"],
+        column_encoding={"request_id": "DELTA_BINARY_PACKED", "user_id": "DELTA_BINARY_PACKED",
+                         "history_len": "DELTA_BINARY_PACKED", "candidates": "DELTA_BINARY_PACKED"})
 
 
 def _device_name(device: torch.device) -> str:
@@ -683,7 +651,7 @@ def run_series(table_dir: Path, out: Path, policy: Policy | list[Policy], loads:
         result = serve(server, schedule(w), policy, w.lead_ms)
         path = write_run(result, out, name, w, policy, table_dir, manifest, dev,
                          {"target_load": load, "plan": plan}, warmup_frac)
-        s = json.loads((path / "meta.json").read_text())["summary"]
+        s = run_summary(result.jobs, warmup_frac)
         log(f"{name}: {n} requests at {rate:.1f}/s in {time.time() - t0:.1f}s; utilisation "
             f"{s['utilisation']:.3f}; latency p50 {s['latency_ms']['p50']:.3f} p99 {s['latency_ms']['p99']:.3f} "
             f"ms; overhead mean {s['overhead_ms']['mean'] * 1000:.1f} us; {s['outcomes']}")

@@ -188,7 +188,10 @@ def write_jobs_parquet(frame: pd.DataFrame, path: Path) -> None:
     frame = frame.copy()
     for c in TIME_COLUMNS:
         frame[c] = frame[c].astype(np.float64)
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+        raise InputError(f"cannot write as Parquet: {str(e).splitlines()[0]}", str(path)) from None
     dictionary, encoding = [], {}
     for f in table.schema:
         t = f.type
@@ -217,12 +220,18 @@ def read_regular_file(path: Path, limit: int) -> bytes:
         raise InputError("not a regular file (a directory)", src) from None
     except OSError as e:
         raise InputError(f"cannot read file ({e.strerror})", src) from None
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        os.close(fd)
+        raise InputError(f"cannot read file ({e.strerror})", src) from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputError(f"not a regular file ({_file_kind(st.st_mode)})", src)
+    if st.st_size > limit:
+        os.close(fd)
+        raise InputError(f"file too large ({st.st_size} bytes; at most {limit})", src)
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"not a regular file ({_file_kind(st.st_mode)})", src)
-        if st.st_size > limit:
-            raise InputError(f"file too large ({st.st_size} bytes; at most {limit})", src)
         try:
             data = f.read(limit + 1)
         except OSError as e:
@@ -336,15 +345,15 @@ def validate_jobs(frame: pd.DataFrame, source: str, csv: bool = False) -> pd.Dat
     has_s, has_e = ~np.isnan(s), ~np.isnan(e)
     with np.errstate(invalid="ignore"):
         checks = [
-            (has_s & ~has_e, "end_ms", lambda i: f"end_ms is empty but start_ms is set ({s[i]!r})"),
-            (~has_s & has_e, "start_ms", lambda i: f"start_ms is empty but end_ms is set ({e[i]!r})"),
-            (has_s & has_e & (e < s), "end_ms", lambda i: f"end_ms < start_ms ({e[i]!r} < {s[i]!r})"),
+            (has_s & ~has_e, "end_ms", lambda i: f"end_ms is empty but start_ms is set ({_num(s[i])})"),
+            (~has_s & has_e, "start_ms", lambda i: f"start_ms is empty but end_ms is set ({_num(e[i])})"),
+            (has_s & has_e & (e < s), "end_ms", lambda i: f"end_ms < start_ms ({_num(e[i])} < {_num(s[i])})"),
             (has_s & (s < a - START_SLACK_MS), "start_ms",
-             lambda i: f"start_ms < arrival_ms ({s[i]!r} < {a[i]!r})"),
+             lambda i: f"start_ms < arrival_ms ({_num(s[i])} < {_num(a[i])})"),
             ((kind == "pre") & (outcome == "computed") & ~has_s, "start_ms",
              lambda i: "start_ms is empty for a pre job with outcome 'computed' (a computed job ran)"),
             (np.isin(outcome, NOT_RUN) & has_s, "outcome",
-             lambda i: f"outcome {outcome[i]!r} but the job has a start_ms ({s[i]!r}): "
+             lambda i: f"outcome {outcome[i]!r} but the job has a start_ms ({_num(s[i])}): "
                        f"skipped and rejected signals did not run"),
         ]
     first = [(int(np.argmax(m)), k) for k, (m, _, _) in enumerate(checks) if m.any()]
@@ -372,15 +381,15 @@ def validate_jobs(frame: pd.DataFrame, source: str, csv: bool = False) -> pd.Dat
     if worst:
         i, p, k = worst
         raise err(i, "arrival_ms", f"arrival_ms goes back in request_id order among {k} jobs: request "
-                                   f"{rid[i]} arrives at {a[i]!r}, before request {rid[p]} "
-                                   f"({a[p]!r}, row {p + 1})")
+                                   f"{rid[i]} arrives at {_num(a[i])}, before request {rid[p]} "
+                                   f"({_num(a[p])}, row {p + 1})")
 
     ran = np.flatnonzero(has_s)
     back = np.flatnonzero(np.diff(s[ran]) < 0)
     if len(back):
         i, p = ran[back[0] + 1], ran[back[0]]
-        raise err(i, "start_ms", f"start_ms {s[i]!r} is before the previous started job's "
-                                 f"({s[p]!r}, row {p + 1}): the file must list jobs in start order")
+        raise err(i, "start_ms", f"start_ms {_num(s[i])} is before the previous started job's "
+                                 f"({_num(s[p])}, row {p + 1}): the file must list jobs in start order")
 
     out = pd.DataFrame({"kind": pd.array(kind, dtype=str), **ints, **times,
                         "outcome": pd.array(outcome, dtype=str)})
@@ -391,9 +400,18 @@ def validate_jobs(frame: pd.DataFrame, source: str, csv: bool = False) -> pd.Dat
     return out
 
 
+def _missing(s: pd.Series) -> np.ndarray:
+    """Empty cells: NA/NaN, or (in a text column) a blank string."""
+    na = s.isna().to_numpy()
+    if s.dtype == object or pd.api.types.is_string_dtype(s.dtype):
+        blank = s.map(lambda v: isinstance(v, str) and not v.strip()).to_numpy(bool)
+        na = na | blank
+    return na
+
+
 def _strings(frame: pd.DataFrame, column: str, err) -> np.ndarray:
     s = frame[column]
-    na = s.isna().to_numpy()
+    na = _missing(s)
     if na.any():
         raise err(int(np.argmax(na)), column, f"{column} is empty")
     return np.asarray(s.astype(str).to_numpy(), dtype=object)
@@ -408,7 +426,7 @@ def _integers(frame: pd.DataFrame, column: str, err) -> np.ndarray:
             raise err(i, column, f"{column} is too large for int64 (got {s.iloc[i]})")
         return s.to_numpy(np.int64)
     raw = s.to_numpy(object)
-    na = s.isna().to_numpy()
+    na = _missing(s)
     if pd.api.types.is_bool_dtype(s.dtype):
         num = np.full(len(s), np.nan)
     else:
@@ -425,7 +443,7 @@ def _integers(frame: pd.DataFrame, column: str, err) -> np.ndarray:
 
 def _floats(frame: pd.DataFrame, column: str, err, required: bool) -> np.ndarray:
     s = frame[column]
-    na = s.isna().to_numpy()
+    na = _missing(s)
     if pd.api.types.is_bool_dtype(s.dtype):
         num = np.where(na, np.nan, np.inf)
         notnum = ~na
@@ -433,8 +451,8 @@ def _floats(frame: pd.DataFrame, column: str, err, required: bool) -> np.ndarray
         num = pd.to_numeric(s, errors="coerce").to_numpy(float, na_value=np.nan)
         notnum = np.isnan(num) & ~na
     checks = [(notnum, lambda i: f"{column} is not a number (got {_shown(s.to_numpy(object)[i])})"),
-              (np.isinf(num) & ~notnum, lambda i: f"{column} must be finite (got {num[i]!r})"),
-              (~np.isnan(num) & (num < 0), lambda i: f"{column} must be >= 0 (got {num[i]!r})")]
+              (np.isinf(num) & ~notnum, lambda i: f"{column} must be finite (got {_num(num[i])})"),
+              (~np.isnan(num) & (num < 0), lambda i: f"{column} must be >= 0 (got {_num(num[i])})")]
     if required:
         checks.insert(0, (na, lambda i: f"{column} is empty"))
     first = [(int(np.argmax(m)), k) for k, (m, _) in enumerate(checks) if m.any()]
@@ -442,6 +460,11 @@ def _floats(frame: pd.DataFrame, column: str, err, required: bool) -> np.ndarray
         i, k = min(first)
         raise err(i, column, checks[k][1](i))
     return num
+
+
+def _num(x: Any) -> str:
+    """A numpy or Python float as Python writes it (4.0, inf, 1e-07)."""
+    return repr(float(x))
 
 
 def _shown(v: Any) -> str:
@@ -495,7 +518,7 @@ def validate_run(data: dict, source: str, root: yaml.Node | None = None) -> dict
             policy[k] = int(v)
         pin = pol.get("pin", "until_ranked")
         if pin not in PINS:
-            raise err("policy.pin", f"unknown pin {_got(pin)} (expected until_ranked or none)")
+            raise err("policy.pin", f"unknown pin {pin!r} (expected until_ranked or none)")
         policy["pin"] = pin
 
     if "lead_ms" in data:
@@ -528,18 +551,15 @@ def _got(v: Any) -> str:
 
 
 def _line_of(root: yaml.Node | None, keys: list[str]) -> int | None:
-    """1-based line of the deepest node along `keys` that exists (None without a tree)."""
-    node, line = root, None
-    if node is None:
-        return None
-    line = node.start_mark.line + 1
+    """1-based line of the value at `keys` (None without a tree or if it is absent)."""
+    node = root
     for key in keys:
         if not isinstance(node, yaml.MappingNode):
-            break
+            return None
         for k, v in node.value:
             if isinstance(k, yaml.ScalarNode) and k.value == key:
-                node, line = v, v.start_mark.line + 1
+                node = v
                 break
         else:
-            break
-    return line
+            return None
+    return node.start_mark.line + 1 if node is not None else None
