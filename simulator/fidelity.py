@@ -37,7 +37,6 @@ import pandas as pd
 
 from .errors import InputError
 from .serving_log import ServingLog, find_logs, load_log
-from simrec.calibration.legacy_run import load_run, with_derived_columns  # noqa: F401  TEMPORARY, conversion
 
 STAGE = "ranking"
 UPSTREAM = "upstream"
