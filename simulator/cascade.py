@@ -15,7 +15,7 @@ import simpy
 
 from . import scenario as sc
 from . import service
-from .interference import combined, timelines
+from .interference import timelines
 from .partition import start_controllers
 from .relay import Relay, build_relay, relay_worker
 from .routing import make_picker
@@ -70,11 +70,11 @@ def build_stages(env: simpy.Environment, scenario: sc.Scenario,
         device = scenario.device(getattr(cfg.service, "device", None) or cfg.nodes.device)
         svc = service.build(cfg.service, rngs[2 * k + 1], f"stages.{name}.service",
                             relay=name == relay_stage, device=device)
-        for source in (cfg.interference, getattr(svc, "interference", None)):   # block, profile
-            if source is not None:
-                for nd, ep in zip(nodes, timelines(source, len(nodes), scenario.run.seed, index,
-                                                   2 * k + (source is not cfg.interference))):
-                    nd.episodes = combined(nd.episodes, ep)
+        if cfg.interference is not None:        # a declared block: every job on the node
+            for nd, ep in zip(nodes, timelines(cfg.interference, len(nodes), scenario.run.seed, index, 2 * k)):
+                nd.episodes = ep
+        if getattr(svc, "interference", None) is not None:     # a profile's: the cost model applies it
+            svc.episodes = timelines(svc.interference, len(nodes), scenario.run.seed, index, 2 * k + 1)
         pick = None
         if cfg.router not in ("shared", "delay"):
             pick = make_picker(cfg.router, nodes, rngs[2 * k], cfg.affinity.virtual_nodes,

@@ -296,10 +296,11 @@ def fit_log(log: ServingLog):
     """The serving profile of one log against its own table."""
     from simrec.calibration.table import load_table
     from .profile_fit import fit_profile
-    from .serving_profile import Profile
+    from .serving_profile import REFERENCE, reference_medians
     table = load_table(log.table)
-    medians = lambda p, L, M: table.curve(p).median_ms(L, M)       # noqa: E731
-    info = {"fitted_from": {"run": log.name, "folder": str(log.folder), "device": log.device,
+    medians = reference_medians(table)
+    info = {"reference": f"table median under {REFERENCE} where the table has it, else isolated",
+            "fitted_from": {"run": log.name, "folder": str(log.folder), "device": log.device,
                             "policy": log.policy},
             "table": {"path": log.table, "name": table.manifest.name, "sha256": table.manifest.sha256}}
     profile, per_job = fit_profile(log.ran(), medians, log.warmup_s * 1000.0, info)

@@ -11,7 +11,8 @@ A timeline alternates normal spells, exponential with mean 60 / rate_per_min s, 
 with drawn durations and slowdowns. It is generated lazily as simulated time advances, so it
 costs nothing for a long run and needs no horizon. Queries must not go back in time; SimPy
 runs every process in time order, so a timeline shared by the nodes of one host is queried in
-order too.
+order too. A declared block stretches every job its node starts (`stage.serve`); a profile's
+episodes reach each job through its size class's elasticity (`serving_profile.InServing`).
 """
 
 from __future__ import annotations
@@ -69,20 +70,3 @@ def timelines(cfg: sc.Interference, n_nodes: int, seed: int, replication: int, s
     seq = np.random.SeedSequence(seed, spawn_key=(replication, STREAM_KEY + stage_index))
     hosts = [Episodes(cfg, np.random.default_rng(s)) for s in seq.spawn(n_hosts)]
     return [hosts[i // per_host] for i in range(n_nodes)]
-
-
-def combined(a: "Episodes | None", b: "Episodes | None"):
-    """A node's slowdown under two independent sources (an explicit block and a profile)."""
-    if a is None or b is None:
-        return a or b
-    return _Both(a, b)
-
-
-class _Both:
-    __slots__ = ("a", "b")
-
-    def __init__(self, a: Episodes, b: Episodes):
-        self.a, self.b = a, b
-
-    def factor_at(self, now: float) -> float:
-        return self.a.factor_at(now) * self.b.factor_at(now)

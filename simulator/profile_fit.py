@@ -20,7 +20,9 @@ A window-statistic HMM cannot see episodes shorter than a window; they stay in t
 
 Durations and slowdowns are kept as the empirical values of the episodes found (an episode
 cut by the end of the log counts with the length it was seen); the rate is episodes per
-minute of normal running.
+minute of normal running. An episode's factor F is the median slowness of its jobs; how much
+of it each size class feels (its elasticity e: a job runs F ** e slower) is fitted by least
+squares, because on a host-bound server a slow host stretches short jobs and hardly long ones.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def _pools(base: np.ndarray, idle: np.ndarray, excess: np.ndarray) -> PhaseExces
                 s2 = sel & (ib == i)
                 if s2.sum() >= MIN_POOL:
                     pools[(int(b), int(i))] = np.quantile(excess[s2], QUANTILES)
-    return PhaseExcess(edges, pools)
+    return PhaseExcess(edges, (float(base.min()), float(base.max())), pools, {})
 
 
 def fit_excess(phase: np.ndarray, base: np.ndarray, idle: np.ndarray, excess: np.ndarray
@@ -87,7 +89,21 @@ def expected_ms(profile_phases: dict[str, PhaseExcess], phase, base, idle) -> np
     """Per job: table median + the median excess of its pool."""
     prof = Profile(QUANTILES, profile_phases, None, {})
     mid = int(np.searchsorted(QUANTILES, 0.5))
-    return np.array([b + prof.pool(p, b, i)[mid] for p, b, i in zip(phase, base, idle)])
+    return np.array([b + prof.pool(p, b, i)[0][mid] for p, b, i in zip(phase, base, idle)])
+
+
+def fit_elasticity(phases: dict[str, PhaseExcess], phase, base, log_r, log_f, in_episode) -> None:
+    """Per phase and size class: the least-squares e in log r = e log F over the jobs in
+    episodes (F: their episode's factor), clipped to [0, 3]; classes with fewer than
+    MIN_POOL / 2 such jobs keep 1 (the factor as it is)."""
+    for name, ex in phases.items():
+        sel = in_episode & ((phase == name) if name != ALL else True)
+        sizes = np.searchsorted(ex.base_edges_ms, base, side="right")
+        for b in np.unique(sizes[sel]):
+            s2 = sel & (sizes == b)
+            den = float(np.sum(log_f[s2] ** 2))
+            if s2.sum() >= MIN_POOL // 2 and den > 0:
+                ex.elasticity[int(b)] = float(np.clip(np.sum(log_r[s2] * log_f[s2]) / den, 0.0, 3.0))
 
 
 # ----------------------------------------------------------------------------- HMM
@@ -208,7 +224,8 @@ def fit_profile(ran: pd.DataFrame, medians, warmup_ms: float, info: dict) -> tup
     """Fit from executed jobs (columns kind, outcome, history_len, candidates, start_ms,
     arrival_ms, busy_ms, idle_ms; in start order) and `medians(phase, L, M)`, the table's
     median. Returns the profile and a per-job frame of the fit (for plots and tests)."""
-    j = ran[ran["arrival_ms"].to_numpy() >= warmup_ms].reset_index(drop=True)
+    keep = (ran["arrival_ms"].to_numpy() >= warmup_ms) & (ran["outcome"].to_numpy(str) != "cancelled")
+    j = ran[keep].reset_index(drop=True)           # a cancelled pre job ran no phase
     if len(j) < 2 * MIN_POOL:
         from .errors import InputError
         raise InputError(f"too few executed jobs after the warm-up to fit a profile ({len(j)} < "
@@ -230,11 +247,14 @@ def fit_profile(ran: pd.DataFrame, medians, warmup_ms: float, info: dict) -> tup
     logr = np.log(slowness)
     ref = float(np.median(logr[normal]))
     durations, factors = [], []
+    log_f = np.zeros(len(j))                # per job: log of its episode's factor
     for a, b in ep["runs"]:
         sel = (ep["window_of_job"] >= a) & (ep["window_of_job"] <= b)
         if sel.any():
             durations.append(round((b - a + 1) * ep["window_s"], 4))
             factors.append(round(float(np.exp(np.median(logr[sel]) - ref)), 4))
+            log_f[sel] = math.log(max(factors[-1], 1e-3))
+    fit_elasticity(phases, phase, base, logr - ref, log_f, ~normal)
     normal_min = (~ep["slow_window"]).sum() * window_ms / 60_000.0
     episodes = None
     if durations:

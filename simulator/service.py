@@ -142,12 +142,14 @@ def build(model: sc.ServiceModel, rng: np.random.Generator, where: str,
     profile = getattr(model, "profile", None)
     if profile is None:
         return base
-    from .serving_profile import InServing, load
+    from simrec.calibration.table import load_table
+    from .serving_profile import InServing, load, reference_medians
     try:
         prof = load(profile)
     except InputError as e:
         raise InputError(e.message, e.source, f"{where}.profile" + (f" {e.path}" if e.path else "")) from None
-    return InServing(base, prof, rng, getattr(model, "phase", "full_forward"))
+    reference = reference_medians(load_table(model.table))
+    return InServing(base, prof, rng, reference, getattr(model, "phase", "full_forward"))
 
 
 def _build(model: sc.ServiceModel, rng: np.random.Generator, where: str,

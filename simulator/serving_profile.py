@@ -7,12 +7,16 @@ kinds of reason that the profile keeps apart:
   that clocked down while it idled. It is additive (it does not grow with the work) and is
   kept as quantiles per phase, per size class of the job's table median (host-bound shapes
   carry more of it) and per idle bin (how long the device had idled when the job arrived);
-- **slow episodes**: spells of seconds in which every job runs slower, represented as an
-  `Interference` config (`interference.py`), the same thing a scenario can declare by hand.
+- **slow episodes**: spells of seconds in which jobs run slower, represented as an
+  `Interference` config (`interference.py`), the same thing a scenario can declare by hand,
+  plus per size class an elasticity: a job runs factor ** elasticity slower (on a host-bound
+  server a slow host stretches the short, host-bound jobs and hardly the long GPU-bound ones;
+  a declared block stretches every job by the factor).
 
 `simrec fit` writes a profile (`profile_fit.py`); a `table` or `gr` service uses one with
-`profile: FILE`. Each job then costs table median + drawn excess, times the node's episode
-slowdown. The profile replaces the table's own isolated noise, which is part of the excess.
+`profile: FILE`. Each job then costs (reference median + drawn excess) x the node's episode
+factor ** elasticity, the reference being the table's idle_gap curve where it has one. The profile replaces the table's own isolated noise, which is part of
+the excess.
 """
 
 from __future__ import annotations
@@ -40,15 +44,30 @@ def idle_bin(idle_ms: float) -> int:
     return bisect.bisect_left(IDLE_EDGES_MS, idle_ms)
 
 
+RANGE = 1.25      # a phase's pools serve table medians within this factor of those it was fitted on
+
+
 @dataclass
 class PhaseExcess:
-    """Excess quantiles of one phase: pools keyed (size class, idle bin); -1 = any."""
+    """Excess quantiles of one phase: pools keyed (size class, idle bin); -1 = any. Per size
+    class, `elasticity`: how a slow episode reaches this class's jobs (factor ** elasticity;
+    a GPU-bound job of a host-bound server barely feels a host slowdown)."""
 
     base_edges_ms: list[float]              # size classes: bisect of the job's table median
+    base_range_ms: tuple[float, float]      # the table medians the phase was fitted on
     pools: dict[tuple[int, int], np.ndarray]
+    elasticity: dict[int, float]
+
+    def size_class(self, base_ms: float) -> int | None:
+        lo, hi = self.base_range_ms
+        if not lo / RANGE <= base_ms <= hi * RANGE:
+            return None                     # another size than fitted: leave it to the all-phase pools
+        return bisect.bisect_right(self.base_edges_ms, base_ms)
 
     def pool(self, base_ms: float, idle_ms: float) -> np.ndarray | None:
-        b = bisect.bisect_right(self.base_edges_ms, base_ms)
+        b = self.size_class(base_ms)
+        if b is None:
+            return None
         got = self.pools.get((b, idle_bin(idle_ms)))
         return got if got is not None else self.pools.get((b, -1))
 
@@ -60,19 +79,25 @@ class Profile:
     episodes: sc.Interference | None        # None: the fit found no slow episodes
     info: dict                              # provenance and fit diagnostics, as written
 
-    def pool(self, phase: str, base_ms: float, idle_ms: float) -> np.ndarray:
-        """The excess pool of a job: its phase's, else the all-phase pool of its size class
-        and idle bin, else the all-phase pool of every job (key (-1, -1))."""
+    def pool(self, phase: str, base_ms: float, idle_ms: float) -> tuple[np.ndarray, float]:
+        """The excess pool of a job and its episode elasticity: its phase's, else the
+        all-phase pool of its size class and idle bin, else the all-phase pool of every job
+        (key (-1, -1)); the all-phase classes extend to any size (the nearest class)."""
         for name in (phase, ALL):
             ex = self.phases.get(name)
             got = ex.pool(base_ms, idle_ms) if ex is not None else None
             if got is not None:
-                return got
-        return self.phases[ALL].pools[(-1, -1)]
+                return got, ex.elasticity.get(ex.size_class(base_ms), 1.0)
+        ex = self.phases[ALL]
+        b = bisect.bisect_right(ex.base_edges_ms, base_ms)
+        got = ex.pools.get((b, idle_bin(idle_ms)))
+        got = got if got is not None else ex.pools.get((b, -1))
+        return (got if got is not None else ex.pools[(-1, -1)]), ex.elasticity.get(b, 1.0)
 
     # ------------------------------------------------------------------ file
     def to_json(self) -> dict:
-        phases = {name: {"base_edges_ms": ex.base_edges_ms,
+        phases = {name: {"base_edges_ms": ex.base_edges_ms, "base_range_ms": list(ex.base_range_ms),
+                         "elasticity": {str(b): round(e, 4) for b, e in sorted(ex.elasticity.items())},
                          "pools": {f"{b}|{i}": [round(float(v), 5) for v in q]
                                    for (b, i), q in sorted(ex.pools.items())}}
                   for name, ex in sorted(self.phases.items())}
@@ -101,7 +126,11 @@ class Profile:
                     if v.shape != q.shape or not np.all(np.isfinite(v)) or np.any(np.diff(v) < 0):
                         raise ValueError(f"pool {name} {key}: need {len(q)} finite ascending values")
                     pools[(b, i)] = v
-                phases[name] = PhaseExcess([float(e) for e in p["base_edges_ms"]], pools)
+                lo, hi = (float(x) for x in p["base_range_ms"])
+                el = {int(b): float(e) for b, e in p["elasticity"].items()}
+                if not (0 < lo <= hi) or any(not 0 <= e <= 10 for e in el.values()):
+                    raise ValueError(f"phase {name}: need 0 < base_range_ms and elasticities in [0, 10]")
+                phases[name] = PhaseExcess([float(e) for e in p["base_edges_ms"]], (lo, hi), pools, el)
             if ALL not in phases or (-1, -1) not in phases[ALL].pools:
                 raise ValueError(f"no pool over all jobs (phase {ALL!r}, key '-1|-1')")
             if q.ndim != 1 or len(q) < 2 or q[0] != 0 or q[-1] != 1 or np.any(np.diff(q) <= 0):
@@ -151,20 +180,65 @@ def load(path: str | Path) -> Profile:
 
 # ----------------------------------------------------------------------------- cost model
 
+REFERENCE = "idle_gap"      # the table condition excess is measured from, where the table has it
+
+
+def reference_medians(table):
+    """`(phase, L, M) -> ms`: the table's median under REFERENCE (the device idle before each
+    call: the in-serving-like condition the bench measures, which carries the machine's own
+    wake-up and launch costs) where the table has that curve, else its isolated median. A
+    profile's excess is fitted and applied over this reference, so a profile moved to
+    another machine keeps that machine's measured in-serving level."""
+    memo: dict[tuple, float] = {}
+
+    def median(name: str, L: int, M: int = 0) -> float:
+        key = (name, L, M)
+        got = memo.get(key)
+        if got is None:
+            curve = table.curves.get((name, REFERENCE)) or table.curve(name)
+            got = memo[key] = curve.median_ms(L, M)
+        return got
+    return median
+
+
+def episodes_drawn(profile: Profile, rng: np.random.Generator) -> sc.Interference | None:
+    """The profile's episode process for one replication, its fitted uncertainty drawn: the
+    rate from its posterior given the episodes seen (Gamma, shape = their count, mean = the
+    fitted rate) and the durations and slowdowns resampled (a bootstrap of the episodes). A
+    profile fitted on a few episodes thus predicts with the spread its evidence allows."""
+    ep = profile.episodes
+    if ep is None:
+        return None
+    n = int(profile.info.get("fit", {}).get("episodes", 0))
+    if n < 1:
+        return ep
+    rate = float(rng.gamma(n, ep.rate_per_min / n))
+    update = {"rate_per_min": min(max(rate, 1e-6), 6000.0)}
+    d, f = ep.duration_s, ep.slowdown
+    if isinstance(d, sc.EmpiricalDist) and isinstance(f, sc.EmpiricalDist) and len(d.values) == len(f.values):
+        k = rng.integers(0, len(d.values), len(d.values))        # the episodes, resampled as pairs
+        update["duration_s"] = d.model_copy(update={"values": [d.values[i] for i in k], "weights": None})
+        update["slowdown"] = f.model_copy(update={"values": [f.values[i] for i in k], "weights": None})
+    return ep.model_copy(update=update)
+
+
 class InServing:
-    """A stage's cost model under a profile: a phase costs its table median plus an excess
-    drawn for the phase, the median's size class and how long the node had idled.
+    """A stage's cost model under a profile: a phase costs its reference median (see
+    `reference_medians`) plus an excess drawn for the phase, the median's size class and how
+    long the node had idled. `median` (the relay's predictions) stays the isolated one.
 
     The workers call `bind(node, now)` before pricing a job: the excess depends on the node's
     state, which the table cost models never needed. Everything else (medians for the relay's
     predictions, prefix sizes, shape checks) is the wrapped model's."""
 
-    def __init__(self, base, profile: Profile, rng: np.random.Generator, phase: str = "full_forward"):
+    def __init__(self, base, profile: Profile, rng: np.random.Generator, reference, phase: str = "full_forward"):
         from .service import Draws
         self.base, self.profile, self.default_phase = base, profile, phase
-        self.interference = profile.episodes
+        self._reference = reference
+        self.interference = episodes_drawn(profile, rng)
+        self.episodes: list | None = None       # per node: the profile's episode timeline
         self._u = Draws(rng, lambda r, n: r.uniform(0, 1, n))
-        self._idle = math.inf
+        self._idle, self._slow = math.inf, 1.0
         self._median = (base.median if hasattr(base, "median")
                         else lambda name, L, M=0: base.curve.median_ms(L, M))
         self._q = profile.quantiles
@@ -175,12 +249,13 @@ class InServing:
     def bind(self, node, now: float) -> None:
         ends = node.busy_ends
         self._idle = max(now - ends[-1], 0.0) if ends else math.inf
+        self._slow = self.episodes[node.index].factor_at(now) if self.episodes else 1.0
 
     def phase(self, name: str, L: int, M: int = 0) -> float:
-        med = self._median(name, L, M)
-        pool = self.profile.pool(name, med, self._idle)
-        excess = float(np.interp(self._u.next(), self._q, pool))
-        return max(med + excess, 1e-6)
+        med = self._reference(name, L, M)
+        pool, elasticity = self.profile.pool(name, med, self._idle)
+        t = max(med + float(np.interp(self._u.next(), self._q, pool)), 1e-6)
+        return t * self._slow ** elasticity if self._slow != 1.0 else t
 
     def sample(self, L: int, M: int) -> float:
         return self.phase(self.default_phase, L, M)

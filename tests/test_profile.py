@@ -98,8 +98,11 @@ def test_fit_recovers_the_planted_episodes(episodic):
     found = sorted(profile.episodes.duration_s.values)[-len(planted_s):]
     assert np.allclose(found, planted_s, atol=2 * fit["window_s"])
     # the excess, with the episodes taken out: 0.1 + Exp(0.2) -> median 0.1 + 0.2 ln 2
-    pool = profile.pool("full_forward", 1.0, 0.0)
+    pool, elasticity = profile.pool("full_forward", 1.0, 0.0)
     assert np.interp(0.5, profile.quantiles, pool) == pytest.approx(0.1 + 0.2 * math.log(2), abs=0.02)
+    # every job was planted factor x slower, whatever its size: elasticity 1 in every class
+    assert elasticity == pytest.approx(1.0, abs=0.1)
+    assert all(e == pytest.approx(1.0, abs=0.1) for e in profile.phases["full_forward"].elasticity.values())
 
 
 def test_no_episodes_are_found_in_iid_noise(tmp_path, gr_table):
