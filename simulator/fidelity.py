@@ -37,6 +37,7 @@ import pandas as pd
 
 from .errors import InputError
 from .serving_log import ServingLog, find_logs, load_log
+from .stats import prediction_interval
 
 STAGE = "ranking"
 UPSTREAM = "upstream"
@@ -134,19 +135,6 @@ def block_bootstrap(x: np.ndarray, block: int, n_boot: int = 1000, seed: int = 0
             est[m][b] = d[m]
     a = (1 - level) / 2
     return {m: (float(np.quantile(v, a)), float(np.quantile(v, 1 - a))) for m, v in est.items()}
-
-
-def prediction_interval(values, level: float = 0.95) -> tuple[float, float, float]:
-    """(centre, lo, hi) for one more draw of a positive statistic seen in `values` (one per
-    replication), taken as log-normal: exp(m +- t s sqrt(1 + 1/R))."""
-    v = np.log(np.asarray(values, float))
-    R = len(v)
-    m = float(v.mean())
-    if R < 2:
-        return math.exp(m), math.nan, math.nan
-    from scipy.stats import t as student_t
-    h = float(student_t.ppf(0.5 + level / 2, R - 1)) * float(v.std(ddof=1)) * math.sqrt(1 + 1 / R)
-    return math.exp(m), math.exp(m - h), math.exp(m + h)
 
 
 # ----------------------------------------------------------------------------- measured side

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 CI_LEVEL = 0.95
 CI_METHOD = "Student-t interval over independent replications (replication/deletion)"
@@ -24,9 +23,24 @@ def interval(values, level: float = CI_LEVEL) -> dict:
     mean = float(np.mean(v)) if len(v) else math.nan
     lo = hi = None
     if len(v) >= 2 and np.all(np.isfinite(v)):
+        from scipy import stats          # lazily: scipy.stats costs a second to import
         half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v))
         lo, hi = mean - float(half), mean + float(half)
     return {"mean": _finite(mean), "lo": lo, "hi": hi, "replications": [_finite(x) for x in v]}
+
+
+def prediction_interval(values, level: float = CI_LEVEL) -> tuple[float, float, float]:
+    """(centre, lo, hi) for one more replication's value of a positive statistic, e.g. the
+    P99 of one more window as long as each replication's, taken as log-normal:
+    exp(m +- t s sqrt(1 + 1/R)) over the values' logs. Not a confidence interval on the
+    mean: with rare slow spells one window's P99 is itself random, and this says how much."""
+    v = np.log(np.asarray(values, float))
+    m = float(v.mean())
+    if len(v) < 2 or not np.all(np.isfinite(v)):
+        return math.exp(m), math.nan, math.nan
+    from scipy import stats
+    h = float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * float(v.std(ddof=1)) * math.sqrt(1 + 1 / len(v))
+    return math.exp(m), math.exp(m - h), math.exp(m + h)
 
 
 def describe(samples: np.ndarray) -> dict[str, float]:

@@ -16,7 +16,8 @@ import pytest
 
 import simrec
 from simrec import scenario as sc
-from simrec.fidelity import measure, prediction_interval, requests_of, run_fidelity, scenario_for
+from simrec.fidelity import run_fidelity
+from simrec.stats import prediction_interval
 from simrec.interference import Episodes
 from simrec.serving_log import load_log, write_log
 
