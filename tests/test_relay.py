@@ -192,3 +192,23 @@ def test_triggers_differ_as_designed(gr_table):
     at_risk = sq["pre_infer"].isin(["admitted", "rejected"])
     assert at_risk.any() and (~at_risk).any()
     assert sq.loc[at_risk, "history_len"].median() > sq.loc[~at_risk, "history_len"].median()
+
+
+def test_unpinned_prefixes_can_be_evicted_before_their_ranking(gr_table):
+    """cache.pin: none (a server that does not pin): admissions never wait for room held by
+    pinned prefixes, and some admitted prefixes are gone before their ranking, which then
+    runs the full pass; with pinning the same run rejects admissions instead."""
+    small = 3 * 8192 * 16384                        # three of the longest prefixes
+    kw = dict(nodes=1, rate=150.0, users=50, hbm=small, requests=3000, queue="fifo")
+    pinned = simrec.simulate(relay_scenario(gr_table, **kw))
+    loose = simrec.simulate(relay_scenario(gr_table, **{**kw, "cache": {"hbm_bytes": small, "pin": "none"}}))
+    for res in (pinned, loose):
+        check_invariants(res)
+    pre = {k: r.requests.to_pandas()["pre_infer"].astype(str) for k, r in (("pinned", pinned), ("loose", loose))}
+    assert (pre["pinned"] == "rejected").sum() > 0
+    assert (pre["loose"] == "rejected").sum() == 0
+    # evicted while waiting: more pre-infer jobs find their entry gone (cancelled)
+    assert (loose.metric("relay", "pre_infer", "cancelled")["mean"]
+            > pinned.metric("relay", "pre_infer", "cancelled")["mean"])
+    ts = loose.timeseries.to_pandas()
+    assert (ts["hbm_pinned_bytes"] == 0).all()
