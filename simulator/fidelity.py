@@ -49,13 +49,18 @@ METRICS = ("p50", "p90", "p99", "mean")
 
 # ----------------------------------------------------------------------------- the scenario
 
-def device_preset(name: str) -> str:
-    """A device preset named inside the log's device string (e.g. 'NVIDIA H200' -> h200)."""
-    from .devices import PRESETS
-    low = name.lower().replace(" ", "")
-    for key in sorted(PRESETS, key=len, reverse=True):
-        if key in low:
-            return key
+def device_preset(log: ServingLog) -> str:
+    """The node device: the preset the log's table was measured on (its manifest), else one
+    named inside the log's device string (e.g. 'NVIDIA H200' -> h200), else h100."""
+    from simrec.calibration.table import load_table
+    from .roofline import PRESET_NAMES
+    dev = load_table(log.table).manifest.device or {}
+    if dev.get("kind") == "cpu":
+        return "cpu"
+    for name in (str(dev.get("name", "")), log.device):
+        preset = next((p for needle, p in PRESET_NAMES if needle in name.lower()), None)
+        if preset is not None:
+            return preset
     return "h100"
 
 
@@ -78,7 +83,7 @@ def scenario_dict(log: ServingLog, trace_path: str, replications: int = 10, seed
     service = {"kind": "gr", "table": log.table}
     if profile is not None:
         service["profile"] = profile
-    stages = {STAGE: {"nodes": {"count": 1, "device": device_preset(log.device)}, "router": "round_robin",
+    stages = {STAGE: {"nodes": {"count": 1, "device": device_preset(log)}, "router": "round_robin",
                       "queue": "fifo", "service": service}}
     scen = {"name": log.name, "workload": {"arrivals": {"kind": "trace", "path": trace_path}},
             "stages": stages, "slo": {"p99_ms": 100.0},

@@ -198,7 +198,7 @@ BAD_JOBS = [
     ("outcome_other_kind", _set(4, "outcome", "computed"), 4, "outcome",
      "outcome 'computed' is not valid for a rank job (expected hit, miss or none)"),
     ("pre_outcome_other_kind", _set(1, "outcome", "hit"), 1, "outcome",
-     "outcome 'hit' is not valid for a pre job (expected computed, skipped or rejected)"),
+     "outcome 'hit' is not valid for a pre job (expected computed, skipped, rejected or cancelled)"),
     ("arrival_empty", _set(4, "arrival_ms", np.nan), 4, "arrival_ms", "arrival_ms is empty"),
     ("time_not_number", _set(5, "start_ms", "soon", as_text=True), 5, "start_ms",
      "start_ms is not a number (got 'soon')"),
