@@ -24,7 +24,7 @@ from .folders import atomic_folder
 from .loader import with_overrides
 from .results import flat_metrics
 from .scenario import Scenario
-from .sweep import points_table
+from .sweep import check_metric, points_table
 
 
 @dataclass
@@ -51,10 +51,14 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
            worse_when_higher: bool = True, integer: bool = False, rel_tol: float = 0.02,
            max_evals: int = 20, cache_dir: Path | None = None,
            bounds: tuple[float | None, float | None] = (None, None),
-           progress: Callable[[int, int], None] | None = None) -> tuple[Capacity, list[dict]]:
+           progress: Callable[[int, int], None] | None = None,
+           refresh: bool = False) -> tuple[Capacity, list[dict]]:
     if base.run.replications < 2:
         raise InputError("capacity search needs run.replications >= 2 (it uses the P99's "
                          "upper confidence bound)", "run.replications")
+    check_search(slo_ms, start, rel_tol, max_evals, bounds)
+    check_metric(metric, [base], "--metric")
+    start = min(max(start, bounds[0] or start), bounds[1] or start)     # inside the bounds
     cap = Capacity(parameter, metric, slo_ms, worse_when_higher)
     summaries: list[dict] = []
 
@@ -65,7 +69,8 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
         if value in verdicts:
             return verdicts[value]
         scenario = with_overrides(base, {parameter: value})
-        summary = run_points([scenario.model_dump(mode="json")], "serial", cache_dir=cache_dir)[0]
+        summary = run_points([scenario.model_dump(mode="json")], "serial", cache_dir=cache_dir,
+                             refresh=refresh)[0]
         row = flat_metrics(summary)
         if metric not in row:
             raise InputError(f"unknown metric {metric!r} (e.g. e2e.p99_ms, stages.<name>.p99_ms)",
@@ -144,6 +149,30 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
         a, b = max(gaps, key=lambda g: abs(math.log(g[1] / g[0])) if g[0] > 0 else g[1] - g[0])
         evaluate((a + b) // 2 if integer else math.sqrt(a * b) if a > 0 else (a + b) / 2)
     return cap, summaries
+
+
+def check_search(slo_ms: float, start: float, rel_tol: float, max_evals: int,
+                 bounds: tuple[float | None, float | None]) -> None:
+    """The search's own settings, each refused in one line naming its flag."""
+    lo, hi = bounds
+    checks = [
+        ("--slo", slo_ms, _finite(slo_ms) and slo_ms > 0, "must be a finite budget > 0 ms"),
+        ("--start", start, _finite(start) and start > 0,
+         "must be a finite value > 0 (the search doubles and halves it)"),
+        ("--rel-tol", rel_tol, _finite(rel_tol) and 0 < rel_tol < 1, "must be in (0, 1)"),
+        ("--max-evals", max_evals, isinstance(max_evals, int) and 1 <= max_evals <= 1000,
+         "must be an integer from 1 to 1000"),
+        ("--min-value", lo, lo is None or _finite(lo) and lo > 0, "must be a finite value > 0"),
+        ("--max-value", hi, hi is None or _finite(hi) and hi > 0, "must be a finite value > 0"),
+        ("--min-value", lo, lo is None or hi is None or lo <= hi, f"must be <= --max-value ({hi})"),
+    ]
+    for flag, value, ok, message in checks:
+        if not ok:
+            raise InputError(f"{message} (got {value!r})", flag)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _stalled(prev: dict, last: dict) -> bool:

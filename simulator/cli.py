@@ -6,13 +6,14 @@ Every bad input, including a bad flag, ends in one line on stderr and exit statu
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -26,27 +27,66 @@ except ImportError:  # pragma: no cover
 from .cli_calibrate import calibrate
 from .cli_fidelity import fidelity, fit, testbed
 from .errors import InputError
+from .folders import check_target, safe_name
 from .loader import load_scenario
 from .scenario import Scenario
 
 
 class _OneLineErrors(TyperGroup):
-    """Click prints usage errors with a usage block and exit 2; we want one line and 1."""
+    """Click prints usage errors with a usage block and exit 2; we want one line and 1.
+
+    SIGTERM is handled like SIGINT (Ctrl-C): the work in progress is abandoned, its temp
+    folder removed and the target left as it was; the exit status is 130."""
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
+        previous = _term_as_interrupt()
         try:
             code = super().main(*args, **kwargs)   # non-standalone: Exit(n) comes back as n
         except typer.Exit as e:
             code = e.exit_code
-        except typer.Abort:
-            sys.exit(1)
+        except (typer.Abort, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
         except ClickException as e:
             ctx = getattr(e, "ctx", None)
             cmd = f"{ctx.command_path}: " if ctx is not None else ""
-            print(f"error: {cmd}{e.format_message()}", file=sys.stderr)
+            print(f"error: {cmd}{_one_line(e.format_message())}", file=sys.stderr)
             sys.exit(1)
+        except InputError as e:       # from a command without its own handler
+            print(_one_line(str(e)), file=sys.stderr)
+            sys.exit(1)
+        except MemoryError:
+            print("error: out of memory (shorten the run or lower the load)", file=sys.stderr)
+            sys.exit(1)
+        except Exception as e:        # a bug: still one line (SIMREC_DEBUG=1 shows the traceback)
+            if os.environ.get("SIMREC_DEBUG"):
+                raise
+            print(f"error: internal error ({type(e).__name__}: {_one_line(str(e))}); please report "
+                  f"it with the command that caused it", file=sys.stderr)
+            sys.exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if code == 130:                # typer's answer to KeyboardInterrupt
+            print("interrupted", file=sys.stderr)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _term_as_interrupt():
+    """Install the SIGTERM handler (main thread only); returns the one it replaced."""
+    try:
+        return signal.signal(signal.SIGTERM, _interrupt) or signal.SIG_DFL
+    except ValueError:
+        return None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split("\n")).strip()
 
 
 app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
@@ -60,7 +100,7 @@ out = Console(soft_wrap=True)
 def _fail(e: InputError, scenario: Path | None = None) -> None:
     if e.source is None and scenario is not None:
         e.source = str(scenario)
-    print(str(e), file=sys.stderr)
+    print(_one_line(str(e)), file=sys.stderr)
     raise typer.Exit(1)
 
 
@@ -75,9 +115,11 @@ SetOpt = typer.Option(None, "--set", "-s", metavar="PATH=VALUE",
                       help="Override a scenario field, e.g. --set stages.ranking.nodes.count=8")
 ReportOpt = typer.Option(True, "--report/--no-report", help="also draw plots and report.html")
 ExecutorOpt = typer.Option("local", help="local (process pool), serial, or ray")
-WorkersOpt = typer.Option(None, help="processes for the local executor (default: all cores)")
+WorkersOpt = typer.Option(None, min=1, max=4096, help="processes for the local executor (default: all cores)")
 RayOpt = typer.Option(None, "--ray-address", help="Ray cluster address (default: start a local one)")
 CacheOpt = typer.Option(None, help="finished-point cache (default: .simrec-cache beside the output)")
+RefreshOpt = typer.Option(False, "--refresh", help="recompute every point, ignoring (and replacing) "
+                                                   "cached ones")
 
 
 @contextmanager
@@ -108,15 +150,17 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML file"),
     from .simulate import simulate
     try:
         sc = _load(scenario, set_, seed)
+        target = out_dir if out_dir is not None else Path("results") / safe_name(sc.name)
+        check_target(target)                   # refuse before the run, not after it
         with _bar("replications") as (bar, task):
             bar.update(task, description=sc.name, total=sc.run.replications)
             results = simulate(sc, progress=lambda done, total: bar.update(task, completed=done,
                                                                            total=total))
-        target = results.write(out_dir or Path("results") / sc.name, report_)
+        target = results.write(target, report_)
     except InputError as e:
         _fail(e, scenario)
     out.print(key_figures(results))
-    for w in results.summary["warnings"]:
+    for w in [*results.summary["warnings"], *_missed_target(sc, results.summary)]:
         err.print(f"[yellow]warning:[/] {w}")
     out.print(f"results: {target}")
 
@@ -132,32 +176,35 @@ def sweep(spec: Path = typer.Argument(..., help="a sweep file (with `base:`), or
           out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="default: results/sweep-<name>"),
           executor: str = ExecutorOpt, workers: Optional[int] = WorkersOpt,
           ray_address: Optional[str] = RayOpt, cache: Optional[Path] = CacheOpt,
-          report_: bool = ReportOpt):
+          refresh: bool = RefreshOpt, report_: bool = ReportOpt):
     """Run a grid of scenario variants in parallel; one row per point with confidence bounds.
 
     Example: simrec sweep scenarios/default.yaml --grid workload.rate_qps=500,1000,1500 --variant small:stages.ranking.nodes.count=2 --variant big:stages.ranking.nodes.count=8
     """
-    from .sweep import SweepSpec, load_spec, run_sweep, spec_from_cli
+    from .loader import read_yaml
+    from .sweep import build_spec, load_spec, run_sweep, spec_from_cli
     try:
-        text = spec.read_text() if spec.exists() else ""
-        is_spec = text and isinstance(yaml.safe_load(text), dict) and "base" in yaml.safe_load(text)
-        if is_spec:
+        data, _ = read_yaml(spec, "sweep file")
+        extra = spec_from_cli(grid or [], variant or [], set_ or [])
+        if isinstance(data, dict) and "base" in data:
             spec_obj, base = load_spec(spec)
-            extra = spec_from_cli(grid or [], variant or [], set_ or [])
-            spec_obj = spec_obj.model_copy(update={
-                "grid": {**spec_obj.grid, **extra["grid"]},
-                "variants": {**spec_obj.variants, **extra["variants"]},
-                "set": {**spec_obj.set, **extra["set"]}, "x": x or spec_obj.x})
+            spec_obj = build_spec({**spec_obj.model_dump(),
+                                   "grid": {**spec_obj.grid, **extra["grid"]},
+                                   "variants": {**spec_obj.variants, **extra["variants"]},
+                                   "set": {**spec_obj.set, **extra["set"]}, "x": x or spec_obj.x},
+                                  "--grid/--variant")
         else:
             base = load_scenario(spec)
-            spec_obj = SweepSpec(base=str(spec), x=x, **spec_from_cli(grid or [], variant or [], set_ or []))
-        target = out_dir or Path("results") / f"sweep-{spec.stem}"
+            spec_obj = build_spec({"base": str(spec), "x": x, **extra}, "--grid/--variant")
+        target = out_dir if out_dir is not None else Path("results") / f"sweep-{safe_name(spec.stem)}"
+        check_target(target)
         with _bar("points") as (bar, task):
             bar.update(task, description=spec.stem)
             table = run_sweep(base, spec_obj, target, executor, workers, cache or _cache_for(target),
-                              ray_address, lambda d, t: bar.update(task, completed=d, total=t), report_)
-    except (InputError, yaml.YAMLError) as e:
-        _fail(e if isinstance(e, InputError) else InputError(f"invalid YAML: {e}", str(spec)), spec)
+                              ray_address, lambda d, t: bar.update(task, completed=d, total=t), report_,
+                              refresh=refresh)
+    except InputError as e:
+        _fail(e, spec)
     m = spec_obj.metric
     show = [c for c in ("variant", *spec_obj.grid, m, m + "_lo", m + "_hi", "goodput_rps",
                         "slo_attainment", "relay.prefix_hit_rate") if c in table.columns]
@@ -178,13 +225,13 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file"),
                                                                   "instead of the most (e.g. QPS)"),
              integer: Optional[bool] = typer.Option(None, help="integer parameter (default: inferred)"),
              rel_tol: float = typer.Option(0.02, help="stop when the bracket is this narrow (relative)"),
-             max_evals: int = typer.Option(20, help="most simulations to spend"),
+             max_evals: int = typer.Option(20, min=1, max=1000, help="most simulations to spend"),
              min_value: Optional[float] = typer.Option(None, help="never search below this value"),
              max_value: Optional[float] = typer.Option(None, help="never search above this value "
                                                                   "(e.g. the cost table's largest L)"),
              set_: Optional[list[str]] = SetOpt,
              out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="default: results/capacity-<name>"),
-             cache: Optional[Path] = CacheOpt, report_: bool = ReportOpt):
+             cache: Optional[Path] = CacheOpt, refresh: bool = RefreshOpt, report_: bool = ReportOpt):
     """Largest QPS (or L), or fewest instances, whose P99 upper confidence bound meets the SLO.
 
     Example: simrec capacity scenarios/default.yaml --param workload.rate_qps --metric stages.ranking.p99_ms
@@ -200,13 +247,14 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file"),
             raise InputError(f"{param} is not a number (got {first!r}); give --start", "--param")
         budget = slo if slo is not None else slo_for(sc, metric)
         is_int = integer if integer is not None else isinstance(current, int)
-        target = out_dir or Path("results") / f"capacity-{sc.name}"
+        target = out_dir if out_dir is not None else Path("results") / f"capacity-{safe_name(sc.name)}"
+        check_target(target)
         with _bar("simulations") as (bar, task):
             bar.update(task, description=param, total=max_evals)
             cap, summaries = search(sc, param, metric, budget, first, worse_when_higher=not fewest,
                                     integer=is_int, rel_tol=rel_tol, max_evals=max_evals,
                                     cache_dir=cache or _cache_for(target), bounds=(min_value, max_value),
-                                    progress=lambda d, t: bar.update(task, completed=d))
+                                    progress=lambda d, t: bar.update(task, completed=d), refresh=refresh)
         write_capacity(cap, summaries, target, report_)
     except InputError as e:
         _fail(e, scenario)
@@ -224,7 +272,7 @@ def report(folder: Path = typer.Argument(..., help="a results folder from run, s
 
     Example: simrec report results/default-cascade
     """
-    from simrec.reports import build_report
+    from .folders import build_report
     try:
         paths = build_report(folder)
     except InputError as e:
@@ -256,6 +304,18 @@ def schema():
     Example: simrec schema > scenario.schema.json
     """
     print(json.dumps(Scenario.model_json_schema(), indent=2))
+
+
+def _missed_target(sc: Scenario, summary: dict) -> list[str]:
+    """A stopping rule that ran out of replications before its precision target."""
+    rel, p99 = sc.run.p99_halfwidth_rel, summary["metrics"]["e2e"]["p99_ms"]
+    if rel is None or p99.get("lo") is None or not p99.get("mean"):
+        return []
+    half = (p99["hi"] - p99["lo"]) / 2 / p99["mean"]
+    if half <= rel or any("p99_halfwidth_rel" in w for w in summary["warnings"]):
+        return []
+    return [f"run.p99_halfwidth_rel: stopped at max_replications ({summary['replications']}) with the "
+            f"P99's CI half-width at {half:.3g} of the P99, above the {rel:g} target"]
 
 
 def _ci(m: dict, digits: int = 2) -> str:

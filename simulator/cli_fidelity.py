@@ -116,8 +116,8 @@ def fit(
     from .serving_log import load_log
     from .serving_profile import save
     try:
-        if out.exists() and not out.is_file():
-            raise InputError("exists and is not a file", str(out))
+        if out.exists() and not _is_profile(out):
+            raise InputError("exists and is not a serving profile: not replaced", str(out))
         log = load_log(run)
         profile, _ = fid.fit_log(log)
         save(profile, out)
@@ -126,6 +126,15 @@ def fit(
     except OSError as e:
         _fail(InputError(f"cannot write: {e.strerror}", str(out)))
     print(profile_summary(profile, log.name, out))
+
+
+def _is_profile(path: Path) -> bool:
+    """An earlier profile may be replaced; any other file is the user's."""
+    from .serving_profile import FORMAT
+    try:
+        return path.is_file() and path.stat().st_size < 2**24 and f'"{FORMAT}"' in path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def profile_summary(profile, name: str, out: Path) -> str:

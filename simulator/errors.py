@@ -22,9 +22,14 @@ class InputError(Exception):
         self.line = line
         super().__init__(str(self))
 
+    def __reduce__(self):
+        """Keep the fields when the error crosses a process boundary (pool workers)."""
+        return (type(self), (self.message, self.source, self.path, self.line))
+
     def __str__(self) -> str:
         where = ""
         if self.source:
             where = self.source + (f":{self.line}" if self.line else "")
         prefix = " ".join(p for p in (where, self.path) if p)
-        return f"{prefix}: {self.message}" if prefix else self.message
+        text = f"{prefix}: {self.message}" if prefix else self.message
+        return text.replace("\n", "\\n")     # always one line (a path may hold a newline)

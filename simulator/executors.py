@@ -2,16 +2,25 @@
 
 Work items are scenario dicts (validated JSON form), results are summary dicts, so
 everything crossing a process boundary is plain data. Finished points are cached on disk
-by a hash of the scenario (seed included) and the cost tables it uses, so an interrupted
-sweep resumes and a repeated one is free.
+by a key over everything that can change a result: the scenario (seed included), the
+bytes of every file it references (trace, cost tables, roofline `fit_from` tables, serving
+profiles) and the simrec source itself, so an interrupted sweep resumes, a repeated one is
+free, and an edited input or a new commit is never answered from the cache. A cache
+entry that cannot be read (a truncated write) is recomputed.
+
+Pool workers ignore SIGINT (the parent handles it and stops them) and get SIGKILL when the
+parent dies, so a killed sweep leaves no orphan holding the terminal.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -29,26 +38,104 @@ def summary_of(scenario_data: dict) -> dict:
 
 
 def point_key(scenario_data: dict) -> str:
-    """Hash of the scenario (seed included), the simrec version and its tables' contents."""
-    from .results import VERSION, table_hashes
-    blob = json.dumps({"scenario": scenario_data, "version": VERSION,
-                       "tables": table_hashes(scenario_data)}, sort_keys=True)
+    """Hash of the scenario (seed included), the simrec version and source, and the bytes
+    of every file the scenario references."""
+    from .results import VERSION
+    blob = json.dumps({"scenario": scenario_data, "version": VERSION, "source": source_hash(),
+                       "files": input_hashes(scenario_data)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def source_hash() -> str:
+    """The simrec and simrec.calibration .py files (the version string is the same on every
+    commit, the code is not)."""
+    import simrec.calibration
+    return hash_sources(tuple(dict.fromkeys([Path(__file__).parent,
+                                             *map(Path, simrec.calibration.__path__)])))
+
+
+@lru_cache(maxsize=4)
+def hash_sources(folders: tuple[Path, ...]) -> str:
+    h = hashlib.sha256()
+    for folder in folders:
+        for f in sorted(folder.glob("*.py")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def input_files(scenario_data: dict) -> dict[str, Path]:
+    """Field path -> file, for every file a scenario (as data) reads."""
+    from simrec.calibration.table import resolve
+    files: dict[str, Path] = {}
+    arrivals = scenario_data["workload"]["arrivals"]
+    if arrivals.get("kind") == "trace":
+        files["workload.arrivals.path"] = Path(arrivals["path"])
+    for name, stage in scenario_data["stages"].items():
+        service = stage["service"]
+        for key in ("table", "fit_from"):
+            if service.get(key):
+                manifest = resolve(service[key])
+                files[f"stages.{name}.service.{key}"] = manifest
+                table_file = _manifest_field(manifest, "table_file")
+                if isinstance(table_file, str):
+                    files[f"stages.{name}.service.{key}.table_file"] = manifest.parent / table_file
+        if service.get("profile"):
+            files[f"stages.{name}.service.profile"] = Path(service["profile"])
+    return files
+
+
+def input_hashes(scenario_data: dict) -> dict[str, str]:
+    return {k: file_hash(str(p)) for k, p in input_files(scenario_data).items()}
+
+
+def file_hash(path: str) -> str:
+    """sha256 of a file's bytes ('missing' if it cannot be read), memoised per version."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return "missing"
+    return _hash(path, st.st_mtime_ns, st.st_size) if os.path.isfile(path) else "not a file"
+
+
+@lru_cache(maxsize=256)
+def _hash(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return "unreadable"
+    return h.hexdigest()
+
+
+def _manifest_field(manifest: Path, key: str):
+    try:
+        data = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    except (OSError, ValueError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def run_points(points: list[dict], executor: str = "local", workers: int | None = None,
                cache_dir: Path | None = None, ray_address: str | None = None,
-               progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Summaries for the given scenario dicts, in order; cached ones are not recomputed."""
+               progress: Callable[[int, int], None] | None = None,
+               refresh: bool = False) -> list[dict]:
+    """Summaries for the given scenario dicts, in order; cached ones are not recomputed
+    (with `refresh`, all are, and the cache is rewritten)."""
     if executor not in EXECUTORS:
         raise InputError(f"unknown executor {executor!r} (choose {', '.join(EXECUTORS)})", "--executor")
+    if workers is not None and not 1 <= workers <= 4096:
+        raise InputError(f"must be between 1 and 4096 (got {workers})", "--workers")
+    if cache_dir is not None and os.path.lexists(cache_dir) and not Path(cache_dir).is_dir():
+        raise InputError("the point cache must be a folder (this is a file)", str(cache_dir))
     keys = [point_key(p) for p in points]
     results: list[dict | None] = [None] * len(points)
     todo = []
     for i, key in enumerate(keys):
-        cached = cache_dir / f"{key}.json" if cache_dir else None
-        if cached is not None and cached.exists():
-            results[i] = json.loads(cached.read_text())
+        cached = None if refresh or cache_dir is None else _cached(Path(cache_dir) / f"{key}.json")
+        if cached is not None:
+            results[i] = cached
         else:
             todo.append(i)
     done = len(points) - len(todo)
@@ -68,13 +155,52 @@ def run_points(points: list[dict], executor: str = "local", workers: int | None 
         for i in todo:
             finish(i, summary_of(points[i]))
     elif executor == "local":
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        pool = ProcessPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(todo)),
+                                   initializer=_worker_start)
+        try:
             futures = {pool.submit(summary_of, points[i]): i for i in todo}
             for fut in as_completed(futures):
                 finish(futures[fut], fut.result())
+        except BaseException:
+            _stop(pool)
+            raise
+        pool.shutdown()
     else:
         _run_ray(points, todo, finish, ray_address)
     return results
+
+
+def _cached(path: Path) -> dict | None:
+    """A cached summary, or None if it is missing or unreadable (then it is recomputed)."""
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and "metrics" in data else None
+
+
+def _worker_start() -> None:
+    """In each pool worker: leave Ctrl-C to the parent, end quietly on SIGTERM (not with the
+    CLI's handler it inherited), and die with the parent (Linux)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:          # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Cancel queued points and terminate running workers (shutdown() would wait for them)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.join(timeout=5)
 
 
 def _run_ray(points, todo, finish, address):

@@ -1,12 +1,17 @@
 """Read a scenario file, apply `--set` overrides, validate once, report errors by line.
 
 YAML is parsed with the safe loader only; its node tree is kept to map a pydantic error
-location back to a line of the file.
+location back to a line of the file. Before anything is built from it the tree is checked:
+a key given twice is an error (YAML would keep the last silently), and nesting deeper than
+MAX_DEPTH or aliases expanding past MAX_YAML_NODES values are refused. After validation,
+`check_size` refuses a run that could not fit in this machine's memory.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,26 +21,18 @@ from pydantic import ValidationError
 
 from .errors import InputError
 from .scenario import Scenario
+from .tabular import read_text
 
 _PATH_PREFIX = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)+): (.*)$", re.S)
+MAX_DEPTH = 64                  # nesting levels of a YAML document
+MAX_YAML_NODES = 1_000_000      # values in a document, aliases expanded
 
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
     """Load and validate a scenario file; overrides are `dotted.path=value` strings."""
     path = Path(path)
     source = str(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise InputError(f"cannot read scenario file ({e.strerror})", source) from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        problem = getattr(e, "problem", None) or str(e)
-        raise InputError(f"invalid YAML: {problem}", source, line=line) from None
+    data, root = read_yaml(path, "scenario file")
     if not isinstance(data, dict):
         raise InputError("a scenario must be a YAML mapping", source, line=1)
 
@@ -46,7 +43,128 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
         overridden.append(keys)
 
     resolve_paths(data, path.parent)
-    return validate(data, source, root, overridden)
+    scenario = validate(data, source, root, overridden)
+    try:
+        check_size(scenario)
+    except InputError as e:
+        raise _located(e, source, root, overridden) from None
+    return scenario
+
+
+def read_yaml(path: Path, what: str) -> tuple[Any, yaml.Node | None]:
+    """A YAML file's data and node tree, through the guarded reader and the tree checks."""
+    return parse_yaml(read_text(path, what), str(path))
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """Safe-load one document, checking its tree before constructing anything from it."""
+    loader = None
+    try:
+        loader = _Loader(text)
+        root = loader.get_single_node()
+        if root is None:
+            return None, None
+        check_tree(root, source)
+        return loader.construct_document(root), root
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError(f"invalid YAML: {problem}", source, line=mark.line + 1 if mark else None) from None
+    except RecursionError:
+        raise InputError(f"invalid YAML: nested too deeply (the limit is {MAX_DEPTH} levels)",
+                         source) from None
+    except (ValueError, OverflowError) as e:      # e.g. a 5,000-digit integer, a bad date
+        raise InputError(f"invalid YAML: {str(e).splitlines()[0]}", source) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader, stopping at MAX_DEPTH while composing (long before Python's
+    recursion limit, whose RecursionError takes seconds to unwind)."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested too deeply (the limit is {MAX_DEPTH} levels)",
+                    self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def check_tree(root: yaml.Node, source: str) -> None:
+    """Duplicate keys, depth and expanded size, without recursion (aliases share nodes, so
+    each node's expanded size is memoised; a node met again below itself is a cycle)."""
+    sizes: dict[int, tuple[int, int]] = {}        # id -> (expanded values, height)
+    open_ids: set[int] = set()
+    stack: list[tuple[yaml.Node, int, list[str], bool]] = [(root, 1, [], False)]
+    while stack:
+        node, depth, path, done = stack.pop()
+        kids = _children(node)
+        if done:
+            open_ids.discard(id(node))
+            size = 1 + sum(sizes[id(k)][0] for k, _ in kids)
+            height = 1 + max((sizes[id(k)][1] for k, _ in kids), default=0)
+            if size > MAX_YAML_NODES:
+                raise _tree_error(f"expands to more than {MAX_YAML_NODES:,} values (YAML aliases?)",
+                                  source, path, node)
+            sizes[id(node)] = (size, height)
+            continue
+        if id(node) in sizes:
+            if depth - 1 + sizes[id(node)][1] > MAX_DEPTH:
+                raise _tree_error(f"nested too deeply (the limit is {MAX_DEPTH} levels)", source, path, node)
+            continue
+        if id(node) in open_ids:
+            raise _tree_error("a YAML alias refers to itself (a recursive structure)", source, path, node)
+        if depth > MAX_DEPTH:
+            raise _tree_error(f"nested too deeply (the limit is {MAX_DEPTH} levels)", source, path, node)
+        if isinstance(node, yaml.MappingNode):
+            _check_duplicates(node, source, path)
+        open_ids.add(id(node))
+        stack.append((node, depth, path, True))
+        stack.extend((k, depth + 1, path + [name], False) for k, name in kids)
+
+
+def _children(node: yaml.Node) -> list[tuple[yaml.Node, str]]:
+    if isinstance(node, yaml.MappingNode):
+        return [c for k, v in node.value for c in ((k, str(k.value)), (v, str(k.value)))]
+    if isinstance(node, yaml.SequenceNode):
+        return [(v, str(i)) for i, v in enumerate(node.value)]
+    return []
+
+
+def _check_duplicates(node: yaml.MappingNode, source: str, path: list[str]) -> None:
+    seen: dict[str, int] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        line = key.start_mark.line + 1
+        if key.value in seen:
+            raise InputError(f"duplicate key (also at line {seen[key.value]})", source,
+                             ".".join(path + [key.value]), line)
+        seen[key.value] = line
+
+
+def _tree_error(message: str, source: str, path: list[str], node: yaml.Node) -> InputError:
+    return InputError(message, source, ".".join(path) or None, node.start_mark.line + 1)
+
+
+def _located(e: InputError, source: str, root: yaml.Node | None,
+             overridden: list[list[str]] = ()) -> InputError:
+    """A check's error (path known, file not) placed in the file, or on `--set`."""
+    if e.source is not None:       # already names its own file (e.g. the trace)
+        return e
+    loc = e.path.split(".") if e.path else []
+    if loc and any(loc[:len(k)] == k or k[:len(loc)] == loc for k in overridden):
+        return InputError(e.message, "--set", e.path)
+    line = _line_of(root, loc) if root is not None else None
+    return InputError(e.message, source, e.path, line)
 
 
 def validate(data: dict, source: str = "<scenario>", root: yaml.Node | None = None,
@@ -79,13 +197,18 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     keys = [k for k in key.strip().split(".")]
     if not all(keys):
         raise InputError(f"override {item!r} has an empty path segment", "--set")
+    if len(keys) > MAX_DEPTH:
+        raise InputError(f"override path is nested too deeply (the limit is {MAX_DEPTH} levels)", "--set")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw, "--set")[0] if raw.strip() else ""
+    except InputError as e:
+        if not e.message.startswith("invalid YAML") or "nested" in e.message:
+            raise InputError(e.message, "--set", ".".join(keys)) from None
+        value = raw                # not YAML: the text itself
     if isinstance(value, str):
         try:   # YAML 1.1 reads "1e3" as a string; on the command line it means a number
-            value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+            number = float(value)
+            value = number if math.isfinite(number) else value
         except ValueError:
             pass
     return keys, value
@@ -118,20 +241,140 @@ def with_overrides(scenario: Scenario, overrides: dict[str, Any]) -> Scenario:
     data = scenario.model_dump(mode="json")
     for key, value in overrides.items():
         set_path(data, key.split("."), copy.deepcopy(value))
-    return validate(data, "<derived>", None, [k.split(".") for k in overrides])
+    derived = validate(data, "<derived>", None, [k.split(".") for k in overrides])
+    check_size(derived)
+    return derived
 
 
 def resolve_paths(data: dict, base: Path) -> None:
-    """Make trace, table and profile paths absolute, relative to the scenario's folder."""
-    arrivals = (data.get("workload") or {}).get("arrivals")
-    if isinstance(arrivals, dict) and isinstance(arrivals.get("path"), str):
-        arrivals["path"] = str((base / arrivals["path"]).resolve())
-    for stage in (data.get("stages") or {}).values():
+    """Make trace, table and profile paths absolute, relative to the scenario's folder.
+
+    Anything of the wrong shape is left for validation to report."""
+    workload = data.get("workload")
+    arrivals = workload.get("arrivals") if isinstance(workload, dict) else None
+    if isinstance(arrivals, dict) and isinstance(arrivals.get("path"), str) and arrivals["path"]:
+        arrivals["path"] = _resolve(base, arrivals["path"])
+    stages = data.get("stages")
+    for stage in (stages.values() if isinstance(stages, dict) else ()):
         service = stage.get("service") if isinstance(stage, dict) else None
         for key in ("table", "fit_from", "profile"):
             ref = service.get(key) if isinstance(service, dict) else None
-            if isinstance(ref, str) and ("/" in ref or ref.endswith(".json") or key == "profile"):
-                service[key] = str((base / ref).resolve())
+            if isinstance(ref, str) and ref and ("/" in ref or ref.endswith(".json") or key == "profile"):
+                service[key] = _resolve(base, ref)
+
+
+def _resolve(base: Path, ref: str) -> str:
+    try:
+        return str((base / ref).resolve())
+    except (OSError, RuntimeError, ValueError):      # a symlink loop, a NUL byte
+        return ref
+
+
+# ---------------------------------------------------------------- size check
+BYTES_PER_REQUEST = 1024        # simulation state per request while a replication runs
+BYTES_PER_RECORD = 16           # kept per request, replication and record column
+MAX_SAMPLES = 1_000_000         # time-series samples per replication
+BYTES_PER_SAMPLE = 400          # one node's row of the time series
+
+
+def check_size(sc: Scenario) -> None:
+    """Refuse, before it starts, a run that would not fit in this machine's memory or would
+    take more than MAX_SAMPLES time-series samples (errors name a field path)."""
+    n, length_ms = run_size(sc)
+    dt = sc.run.sample_interval_ms
+    if dt is not None and length_ms / dt > MAX_SAMPLES:
+        raise InputError(f"{dt:g} ms over a {length_ms / 1000:.4g} s run gives "
+                         f"{length_ms / dt:.3g} samples per replication (limit {MAX_SAMPLES:,}); "
+                         f"use a larger interval", None, "run.sample_interval_ms")
+    if dt is None and length_ms / 200 < 0.01:
+        raise InputError(f"the arrivals span only {length_ms:.3g} ms, too short for the default "
+                         f"sample interval (span / 200); set run.sample_interval_ms", None,
+                         "run.sample_interval_ms")
+    reps = sc.run.max_replications if sc.run.p99_halfwidth_rel is not None else sc.run.replications
+    samples = 1.5 * (length_ms / dt if dt else 200)          # (1.5: the drain after the last arrival)
+    need = (n * BYTES_PER_REQUEST + n * reps * BYTES_PER_RECORD * (2 + 3 * len(sc.stages))
+            + (0 if _is_trace(sc) else 40 * sc.workload.users.count)
+            + sum(200 * st.nodes.count * st.affinity.virtual_nodes for st in sc.stages.values()
+                  if st.router.startswith("affinity"))
+            + reps * samples * BYTES_PER_SAMPLE * sum(st.nodes.count for st in sc.stages.values()))
+    have = available_memory()
+    if have is not None and need > have:
+        raise InputError(f"the run needs about {need / 1e9:.3g} GB of memory ({n:.3g} requests per "
+                         f"replication, {reps} replications) but {have / 1e9:.3g} GB is available; "
+                         f"shorten the run or lower the load", None, "run")
+
+
+def run_size(sc: Scenario) -> tuple[float, float]:
+    """(requests per replication, run length in ms), estimated from the scenario (a trace is
+    read: it gives both exactly)."""
+    run, w = sc.run, sc.workload
+    if _is_trace(sc):
+        return _trace_size(sc)
+    rate = w.rate_qps * _mean_factor(w.arrivals, run.duration_s)
+    if run.requests is not None:
+        return float(run.requests), run.requests / rate * 1000
+    return rate * run.duration_s, run.duration_s * 1000
+
+
+def _trace_size(sc: Scenario) -> tuple[float, float]:
+    """The trace rows a run replays, and when the last arrives; the warm-up must end before."""
+    from .trace import read_trace
+    run = sc.run
+    arrival = read_trace(sc.workload.arrivals.path)[0]
+    first = arrival[0]
+    if run.duration_s is not None:
+        arrival = arrival[arrival < run.duration_s * 1000]
+    if run.requests is not None:
+        arrival = arrival[:run.requests]
+    if not len(arrival):
+        raise InputError(f"no trace arrival is this early (the first is at {first / 1000:g} s)",
+                         None, "run.duration_s")
+    if run.warmup_s is not None and run.warmup_s * 1000 >= arrival[-1]:
+        raise InputError(f"must be less than the trace's span ({arrival[-1] / 1000:g} s), or no "
+                         f"request would be measured (got {run.warmup_s:g})", None, "run.warmup_s")
+    return float(len(arrival)), float(arrival[-1])
+
+
+def _is_trace(sc: Scenario) -> bool:
+    return sc.workload.arrivals.kind == "trace"
+
+
+def _mean_factor(arrivals, duration_s: float | None) -> float:
+    """The arrival process's mean rate as a multiple of rate_qps (over the run, where its
+    duration is given)."""
+    if arrivals.kind == "burst":
+        calm, burst = arrivals.mean_calm_s, arrivals.mean_burst_s
+        return (calm + arrivals.burst_factor * burst) / (calm + burst)
+    if arrivals.kind == "piecewise" and duration_s is not None:
+        steps = arrivals.steps
+        ends = [*(s.start_s for s in steps[1:]), math.inf]
+        spans = [max(0.0, min(e, duration_s) - s.start_s) for s, e in zip(steps, ends)]
+        return max(sum(s.factor * t for s, t in zip(steps, spans)) / duration_s, 1e-6)
+    return 1.0
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still allocate: MemAvailable, within a cgroup's limit."""
+    have = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    have = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        try:
+            have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, AttributeError):
+            have = None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            room = int(limit) - used
+            have = room if have is None else min(have, room)
+    except (OSError, ValueError):
+        pass
+    return have
 
 
 def _drop_union_tags(data: Any, loc: list[str]) -> list[str]:

@@ -7,30 +7,61 @@ against the scenario file's folder by the loader before validation.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from .devices import PRESETS
 
-NonNegFloat = Annotated[float, Field(ge=0)]
+# Upper bounds on sizes: each keeps one run within memory and time that a machine can give
+# and every count exact in an int64 (the loader also checks a run's memory before it starts).
+MAX_TIME_MS = 1e12              # any time in ms (~31 years)
+MAX_DURATION_S = 1e8            # run.duration_s (~3 years)
+MAX_RATE_QPS = 1e8
+MAX_REQUESTS = 10**9            # run.requests per replication
+MAX_REPLICATIONS = 10_000
+MAX_USERS = 10**9
+MAX_NODES = 100_000             # per stage
+MAX_VIRTUAL_NODES = 10_000      # per node on the affinity hash ring
+MAX_HISTORY_LEN = 10**8         # tokens
+MAX_CANDIDATES = 10**7
+MAX_VALUE = 1e12                # a distribution's values and other plain magnitudes
+MAX_INT = 2**53                 # bytes and other integers: exact as floats too
+
+
+def _not_bool(v):
+    """YAML reads `true`/`yes` as a boolean, which pydantic would take as 1."""
+    if isinstance(v, bool):
+        raise ValueError(f"must be a number, not a boolean (got {str(v).lower()})")
+    return v
+
+
+Real = Annotated[float, BeforeValidator(_not_bool), Field(le=MAX_VALUE, ge=-MAX_VALUE)]
+Int = Annotated[int, BeforeValidator(_not_bool), Field(le=MAX_INT, ge=-MAX_INT)]
+PosFloat = Annotated[Real, Field(gt=0)]
+NonNegFloat = Annotated[Real, Field(ge=0)]
+PosInt = Annotated[Int, Field(gt=0)]
+Ms = Annotated[Real, Field(gt=0, le=MAX_TIME_MS)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Frozen, no unknown keys, and every float finite (inf and NaN are refused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------- distributions
 class ConstantDist(Strict):
     kind: Literal["constant"]
-    value: PositiveFloat
+    value: PosFloat
 
 
 class UniformDist(Strict):
     kind: Literal["uniform"]
-    low: PositiveFloat
-    high: PositiveFloat
+    low: PosFloat
+    high: PosFloat
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -41,16 +72,16 @@ class UniformDist(Strict):
 
 class LognormalDist(Strict):
     kind: Literal["lognormal"]
-    mean: PositiveFloat
-    cv: PositiveFloat
+    mean: PosFloat
+    cv: Annotated[PosFloat, Field(le=100)]
 
 
 class EmpiricalDist(Strict):
     """Values drawn with the given weights (equal weights if omitted)."""
 
     kind: Literal["empirical"]
-    values: list[PositiveFloat] = Field(min_length=1)
-    weights: list[PositiveFloat] | None = None
+    values: list[PosFloat] = Field(min_length=1)
+    weights: list[PosFloat] | None = None
 
     @model_validator(mode="after")
     def _same_length(self):
@@ -67,23 +98,23 @@ Distribution = Annotated[Union[ConstantDist, UniformDist, LognormalDist, Empiric
 # ---------------------------------------------------------------- service times
 class ConstantService(Strict):
     kind: Literal["constant"]
-    ms: PositiveFloat
+    ms: Ms
 
 
 class ExponentialService(Strict):
     kind: Literal["exponential"]
-    mean_ms: PositiveFloat
+    mean_ms: Ms
 
 
 class LognormalService(Strict):
     kind: Literal["lognormal"]
-    mean_ms: PositiveFloat
-    cv: PositiveFloat
+    mean_ms: Ms
+    cv: Annotated[PosFloat, Field(le=100)]
 
 
 class EmpiricalService(Strict):
     kind: Literal["empirical"]
-    samples_ms: list[PositiveFloat] = Field(min_length=1)
+    samples_ms: list[Ms] = Field(min_length=1)
 
 
 PROFILE_HELP = ("a serving profile fitted by `simrec fit` against this table: each job then costs "
@@ -114,7 +145,7 @@ class GRService(Strict):
     table: str
     condition: str = "isolated"
     extrapolate: bool = False
-    kv_bytes_per_token: PositiveInt | None = Field(
+    kv_bytes_per_token: Annotated[PosInt, Field(le=2**30)] | None = Field(
         None, description="prefix KV bytes per history token; default: the table's model")
     profile: str | None = Field(None, description=PROFILE_HELP)
 
@@ -123,13 +154,14 @@ class RooflineModel(Strict):
     """The ranking model's shape, for FLOP and byte counts (DESIGN.md formulas)."""
 
     arch: Literal["transformer", "hstu", "stca", "vista"] = "transformer"
-    layers: PositiveInt = 8
-    d_model: PositiveInt = 512
-    heads: PositiveInt = 8
-    ffn: PositiveInt | None = Field(None, description="default: 4 x d_model")
-    dtype_bytes: PositiveInt = 2
-    short_term_tokens: Annotated[int, Field(ge=0)] = 32
-    summary_tokens: PositiveInt = Field(128, description="VISTA: summary tokens k")
+    layers: Annotated[PosInt, Field(le=10_000)] = 8
+    d_model: Annotated[PosInt, Field(le=10**6)] = 512
+    heads: Annotated[PosInt, Field(le=10_000)] = 8
+    ffn: Annotated[PosInt, Field(le=10**7)] | None = Field(None, description="default: 4 x d_model")
+    dtype_bytes: Annotated[PosInt, Field(le=16)] = 2
+    short_term_tokens: Annotated[Int, Field(ge=0, le=MAX_HISTORY_LEN)] = 32
+    summary_tokens: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)] = Field(
+        128, description="VISTA: summary tokens k")
 
 
 class RooflineService(Strict):
@@ -141,11 +173,12 @@ class RooflineService(Strict):
     kind: Literal["roofline"]
     device: str | None = Field(None, description="default: the stage's node device")
     model: RooflineModel = RooflineModel()
-    compute_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.4
-    memory_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.7
-    launches_per_layer: PositiveInt = 12
+    compute_efficiency: Annotated[Real, Field(gt=0, le=1)] = 0.4
+    memory_efficiency: Annotated[Real, Field(gt=0, le=1)] = 0.7
+    launches_per_layer: Annotated[PosInt, Field(le=10_000)] = 12
     fit_from: str | None = Field(None, description="a measured table to fit efficiencies on")
-    cv: Annotated[float, Field(ge=0)] = Field(0.0, description="lognormal noise around the roofline time")
+    cv: Annotated[Real, Field(ge=0, le=100)] = Field(
+        0.0, description="lognormal noise around the roofline time")
 
 
 ServiceModel = Annotated[
@@ -160,8 +193,8 @@ class PoissonArrivals(Strict):
 
 
 class RateStep(Strict):
-    start_s: NonNegFloat
-    factor: NonNegFloat
+    start_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)]
+    factor: Annotated[NonNegFloat, Field(le=1e6)]
 
 
 class PiecewiseArrivals(Strict):
@@ -186,18 +219,18 @@ class DiurnalArrivals(Strict):
     """Rate = rate_qps x (1 + amplitude sin(2 pi (t + phase_s) / period_s))."""
 
     kind: Literal["diurnal"]
-    amplitude: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    period_s: PositiveFloat = 86400.0
-    phase_s: float = 0.0
+    amplitude: Annotated[Real, Field(ge=0, lt=1)] = 0.5
+    period_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = 86400.0
+    phase_s: Real = 0.0
 
 
 class BurstArrivals(Strict):
     """Two-state MMPP: calm at rate_qps, bursts at rate_qps x burst_factor."""
 
     kind: Literal["burst"]
-    burst_factor: Annotated[float, Field(ge=1)] = 3.0
-    mean_calm_s: PositiveFloat = 30.0
-    mean_burst_s: PositiveFloat = 5.0
+    burst_factor: Annotated[Real, Field(ge=1, le=1e6)] = 3.0
+    mean_calm_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = 30.0
+    mean_burst_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = 5.0
 
 
 class TraceArrivals(Strict):
@@ -215,16 +248,16 @@ Arrivals = Annotated[
 class Sessions(Strict):
     """Users come back in sessions: a session is a burst of requests from one user."""
 
-    mean_requests: Annotated[float, Field(ge=1)] = 1.0
-    mean_gap_s: PositiveFloat = 30.0
+    mean_requests: Annotated[Real, Field(ge=1, le=1e6)] = 1.0
+    mean_gap_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = 30.0
 
 
 class Users(Strict):
-    count: PositiveInt = 100_000
-    zipf_s: Annotated[float, Field(ge=0)] = 1.0
+    count: Annotated[PosInt, Field(le=MAX_USERS)] = 100_000
+    zipf_s: Annotated[Real, Field(ge=0, le=10)] = 1.0
     history_len: Distribution = LognormalDist(kind="lognormal", mean=2000, cv=1.0)
-    min_history_len: PositiveInt = 1
-    max_history_len: PositiveInt | None = None
+    min_history_len: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)] = 1
+    max_history_len: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)] | None = None
     sessions: Sessions = Sessions()
 
     @model_validator(mode="after")
@@ -235,7 +268,8 @@ class Users(Strict):
 
 
 class Workload(Strict):
-    rate_qps: PositiveFloat | None = Field(None, description="mean offered load; unused for traces")
+    rate_qps: Annotated[PosFloat, Field(le=MAX_RATE_QPS)] | None = Field(
+        None, description="mean offered load; unused for traces")
     arrivals: Arrivals = PoissonArrivals(kind="poisson")
     users: Users = Users()
     candidates: Distribution = ConstantDist(kind="constant", value=300)
@@ -253,32 +287,32 @@ class Workload(Strict):
 # ---------------------------------------------------------------- cluster
 class DeviceSpec(Strict):
     name: str
-    hbm_bytes: PositiveInt
-    peak_tflops: PositiveFloat
-    hbm_gbps: PositiveFloat
-    host_link_gbps: PositiveFloat
+    hbm_bytes: PosInt
+    peak_tflops: PosFloat
+    hbm_gbps: PosFloat
+    host_link_gbps: PosFloat
     launch_overhead_us: NonNegFloat
-    host_dram_bytes: PositiveInt
+    host_dram_bytes: PosInt
     source: str = ""
 
 
 class NodePool(Strict):
-    count: PositiveInt = 1
+    count: Annotated[PosInt, Field(le=MAX_NODES)] = 1
     device: str = Field("h100", description=f"a preset ({', '.join(PRESETS)}) or a key of `devices`")
 
 
 class Affinity(Strict):
-    virtual_nodes: PositiveInt = 64
-    overload_jobs: PositiveInt = Field(
+    virtual_nodes: Annotated[PosInt, Field(le=MAX_VIRTUAL_NODES)] = 64
+    overload_jobs: Annotated[PosInt, Field(le=10**6)] = Field(
         8, description="affinity_fallback leaves the home node when it holds this many jobs")
 
 
 class Batching(Strict):
     """A batch of n jobs costs the first job's time plus marginal_cost x each other's."""
 
-    max_size: PositiveInt = 1
-    max_wait_ms: NonNegFloat = 0.0
-    marginal_cost: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_size: Annotated[PosInt, Field(le=100_000)] = 1
+    max_wait_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS)] = 0.0
+    marginal_cost: Annotated[Real, Field(gt=0, le=1)] = 1.0
 
 
 class Interference(Strict):
@@ -288,11 +322,11 @@ class Interference(Strict):
     lasts `duration_s` and every job that starts inside it runs `slowdown` x its time. With
     `scope: host` the `nodes_per_host` consecutive nodes of a host share one timeline."""
 
-    rate_per_min: Annotated[float, Field(gt=0, le=6000, allow_inf_nan=False)]
+    rate_per_min: Annotated[Real, Field(gt=0, le=6000, allow_inf_nan=False)]
     duration_s: Distribution
     slowdown: Distribution = Field(description="factor on a job's time during an episode (> 0)")
     scope: Literal["node", "host"] = "node"
-    nodes_per_host: PositiveInt = 1
+    nodes_per_host: Annotated[PosInt, Field(le=MAX_NODES)] = 1
 
 
 class Stage(Strict):
@@ -308,9 +342,10 @@ class Stage(Strict):
     queue: Literal["fifo"] = "fifo"
     batch: Batching = Batching()
     service: ServiceModel
-    candidates: PositiveInt | None = Field(
+    candidates: Annotated[PosInt, Field(le=MAX_CANDIDATES)] | None = Field(
         None, description="candidates this stage handles per request; default: the request's M")
-    hop_ms: NonNegFloat = Field(0.0, description="network latency to the next stage")
+    hop_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS)] = Field(
+        0.0, description="network latency to the next stage")
     interference: Interference | None = Field(
         None, description="slow episodes on this stage's nodes, on top of a profile's own")
 
@@ -325,7 +360,7 @@ class AllTrigger(Strict):
 
 class LengthTrigger(Strict):
     kind: Literal["length"]
-    min_history_len: PositiveInt
+    min_history_len: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)]
 
 
 class SequenceAwareTrigger(Strict):
@@ -333,9 +368,9 @@ class SequenceAwareTrigger(Strict):
     overrun the budget; bounded by pending pre-infer jobs and pinned cache bytes."""
 
     kind: Literal["sequence_aware"]
-    budget_ms: PositiveFloat | None = Field(None, description="default: the stage's SLO budget")
-    max_pending: PositiveInt = 4
-    max_pinned_fraction: Annotated[float, Field(gt=0, le=1)] = 0.8
+    budget_ms: Ms | None = Field(None, description="default: the stage's SLO budget")
+    max_pending: Annotated[PosInt, Field(le=10**6)] = 4
+    max_pinned_fraction: Annotated[Real, Field(gt=0, le=1)] = 0.8
 
 
 Trigger = Annotated[Union[NoTrigger, AllTrigger, LengthTrigger, SequenceAwareTrigger],
@@ -343,11 +378,11 @@ Trigger = Annotated[Union[NoTrigger, AllTrigger, LengthTrigger, SequenceAwareTri
 
 
 class PrefixCacheConfig(Strict):
-    hbm_bytes: PositiveInt | None = Field(
+    hbm_bytes: PosInt | None = Field(
         None, description="HBM for prefix KV per instance; required without an `hbm` block, "
                           "forbidden with one (the KV side is then the pool minus the EMB side)")
     policy: Literal["lru", "ttl"] = "lru"
-    ttl_s: PositiveFloat = 3600.0
+    ttl_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = 3600.0
     keep_full: bool = Field(
         False, description="a ranking that ran the full forward pass keeps the history KV it "
                            "computed (unpinned), for the user's next request")
@@ -358,7 +393,7 @@ class PrefixCacheConfig(Strict):
 
 
 class Expander(Strict):
-    dram_bytes: Annotated[int, Field(ge=0)] = Field(0, description="host DRAM per instance for evicted prefixes")
+    dram_bytes: Annotated[Int, Field(ge=0)] = Field(0, description="host DRAM per instance for evicted prefixes")
     reload: Literal["cheaper", "always"] = Field(
         "cheaper", description="reload from DRAM only when cheaper than recomputing, or always")
 
@@ -368,14 +403,15 @@ class Relay(Strict):
 
     stage: str = "ranking"
     signal_after: str = Field("retrieval", description="a stage before `stage`, or 'arrival'")
-    signal_ms: NonNegFloat = Field(0.5, description="network time of the pre-infer signal")
+    signal_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS)] = Field(
+        0.5, description="network time of the pre-infer signal")
     trigger: Trigger = SequenceAwareTrigger(kind="sequence_aware")
     queue: Literal["fifo", "rank_first", "pre_first"] = "fifo"
     cache: PrefixCacheConfig
     expander: Expander = Expander()
     remote: Literal["recompute", "fetch"] = Field(
         "recompute", description="a prefix held by another instance: recompute, or fetch it")
-    remote_gbps: PositiveFloat = 12.5
+    remote_gbps: PosFloat = 12.5
 
 
 # ---------------------------------------------------------------- HBM pool (HELM)
@@ -383,8 +419,8 @@ class DriftStep(Strict):
     """From start_s on, popularity turns over at turnover_per_s: that fraction of the
     embedding rows a device holds stops being hot each second (trend regime)."""
 
-    start_s: NonNegFloat
-    turnover_per_s: NonNegFloat
+    start_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)]
+    turnover_per_s: Annotated[NonNegFloat, Field(le=1e6)]
 
 
 class Embedding(Strict):
@@ -397,17 +433,18 @@ class Embedding(Strict):
     device on the critical path at `miss_gbps`.
     """
 
-    items: PositiveInt = Field(100_000_000, description="item catalogue size (embedding rows)")
-    zipf_s: Annotated[float, Field(ge=0, le=3)] = 0.9
-    row_bytes: PositiveInt = Field(4096, description="embedding bytes one token looks up (all its features)")
-    short_term_tokens: Annotated[int, Field(ge=0)] = Field(
+    items: PosInt = Field(100_000_000, description="item catalogue size (embedding rows)")
+    zipf_s: Annotated[Real, Field(ge=0, le=3)] = 0.9
+    row_bytes: Annotated[PosInt, Field(le=2**30)] = Field(
+        4096, description="embedding bytes one token looks up (all its features)")
+    short_term_tokens: Annotated[Int, Field(ge=0)] = Field(
         32, description="tokens a request with a cached prefix still embeds (the H100 table's model: 32)")
-    candidate_rows: PositiveInt = Field(
+    candidate_rows: Annotated[PosInt, Field(le=10_000)] = Field(
         1, description="rows each candidate looks up (its id and side features, e.g. author, "
                        "category), all drawn from the same popularity")
     drift: list[DriftStep] = Field(
         [], description="popularity turnover schedule (trend regime); empty: steady popularity")
-    miss_gbps: PositiveFloat | None = Field(
+    miss_gbps: PosFloat | None = Field(
         None, description="effective host -> device rate for scattered missed rows; "
                           "default: the device's host link")
     miss_latency_us: NonNegFloat = Field(0.0, description="fixed cost of a lookup that misses at all")
@@ -426,10 +463,10 @@ class Bounds(Strict):
     """Where an adaptive controller starts, how far it may move the boundary, and how long
     it lets the caches warm up (an empty KV side shows no reuse yet) before it moves."""
 
-    start_emb_fraction: Annotated[float, Field(ge=0, le=1)] = 0.5
-    min_emb_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
-    max_emb_fraction: Annotated[float, Field(ge=0, le=1)] = 1.0
-    hold_s: NonNegFloat = 5.0
+    start_emb_fraction: Annotated[Real, Field(ge=0, le=1)] = 0.5
+    min_emb_fraction: Annotated[Real, Field(ge=0, le=1)] = 0.0
+    max_emb_fraction: Annotated[Real, Field(ge=0, le=1)] = 1.0
+    hold_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)] = 5.0
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -442,7 +479,7 @@ class Bounds(Strict):
 
 class StaticPartition(Strict):
     kind: Literal["static"]
-    emb_fraction: Annotated[float, Field(ge=0, le=1)] = Field(description="share of the pool for EMB")
+    emb_fraction: Annotated[Real, Field(ge=0, le=1)] = Field(description="share of the pool for EMB")
 
 
 class MarginalPartition(Bounds):
@@ -453,10 +490,10 @@ class MarginalPartition(Bounds):
     whose ranking SLO misses exceed slo_miss_target."""
 
     kind: Literal["marginal"]
-    interval_ms: PositiveFloat = 1000.0
-    step_fraction: Annotated[float, Field(gt=0, le=0.5)] = 0.02
-    memory: Annotated[float, Field(ge=0, lt=1)] = Field(0.5, description="weight of past intervals (EWMA)")
-    slo_miss_target: Annotated[float, Field(ge=0, le=1)] = 0.01
+    interval_ms: Ms = 1000.0
+    step_fraction: Annotated[Real, Field(gt=0, le=0.5)] = 0.02
+    memory: Annotated[Real, Field(ge=0, lt=1)] = Field(0.5, description="weight of past intervals (EWMA)")
+    slo_miss_target: Annotated[Real, Field(ge=0, le=1)] = 0.01
 
 
 class MissCurvePartition(Bounds):
@@ -468,11 +505,11 @@ class MissCurvePartition(Bounds):
     (more than slo_miss_target of rankings over budget), when any gain will do."""
 
     kind: Literal["miss_curve"]
-    interval_ms: PositiveFloat = 250.0
-    max_step_fraction: Annotated[float, Field(gt=0, le=1)] = 0.25
-    memory: Annotated[float, Field(ge=0, lt=1)] = 0.5
-    min_gain: Annotated[float, Field(ge=0)] = 0.02
-    slo_miss_target: Annotated[float, Field(ge=0, le=1)] = 0.01
+    interval_ms: Ms = 250.0
+    max_step_fraction: Annotated[Real, Field(gt=0, le=1)] = 0.25
+    memory: Annotated[Real, Field(ge=0, lt=1)] = 0.5
+    min_gain: Annotated[Real, Field(ge=0)] = 0.02
+    slo_miss_target: Annotated[Real, Field(ge=0, le=1)] = 0.01
 
 
 Partition = Annotated[Union[StaticPartition, MarginalPartition, MissCurvePartition],
@@ -480,7 +517,7 @@ Partition = Annotated[Union[StaticPartition, MarginalPartition, MissCurvePartiti
 
 
 class Resize(Strict):
-    emb_refill_gbps: PositiveFloat = Field(
+    emb_refill_gbps: PosFloat = Field(
         8.0, description="growing EMB refills its new rows asynchronously at this rate")
 
 
@@ -488,11 +525,11 @@ class Hbm(Strict):
     """One HBM pool per device of the relay stage: weights, an activation reserve, and the
     rest split between the embedding cache (EMB) and the prefix KV cache."""
 
-    weights_bytes: Annotated[int, Field(ge=0)]
-    activation_reserve_bytes: Annotated[int, Field(ge=0)]
+    weights_bytes: Annotated[Int, Field(ge=0)]
+    activation_reserve_bytes: Annotated[Int, Field(ge=0)]
     partition: Partition
     resize: Resize = Resize()
-    ghost_fraction: Annotated[float, Field(ge=0, le=4)] = Field(
+    ghost_fraction: Annotated[Real, Field(ge=0, le=4)] = Field(
         1.0, description="adaptive controllers: bytes of evicted prefixes remembered, as a "
                          "fraction of the pool (how far beyond the KV side they can see reuse)")
 
@@ -505,22 +542,24 @@ class Hbm(Strict):
 
 
 class SLO(Strict):
-    p99_ms: PositiveFloat = Field(description="end-to-end latency budget")
-    stage_p99_ms: dict[str, PositiveFloat] = {}
+    p99_ms: Ms = Field(description="end-to-end latency budget")
+    stage_p99_ms: dict[str, Ms] = {}
 
 
 class RunControl(Strict):
-    duration_s: PositiveFloat | None = None
-    requests: PositiveInt | None = None
-    warmup_s: NonNegFloat | None = Field(
-        None, description="default: 10% of the run (by time, or by requests)")
-    replications: PositiveInt = Field(5, description="replications to run (the minimum, with a target)")
-    p99_halfwidth_rel: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+    duration_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] | None = None
+    requests: Annotated[PosInt, Field(le=MAX_REQUESTS)] | None = None
+    warmup_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)] | None = Field(
+        None, description="default: 10% of the run (by time, or by requests); less than duration_s")
+    replications: Annotated[PosInt, Field(le=MAX_REPLICATIONS)] = Field(
+        5, description="replications to run (the minimum, with a target)")
+    p99_halfwidth_rel: Annotated[Real, Field(gt=0, lt=1)] | None = Field(
         None, description="stopping rule: add replications until the end-to-end P99's CI "
                           "half-width is under this fraction of the P99 (or max_replications)")
-    max_replications: PositiveInt = 40
-    seed: Annotated[int, Field(ge=0)] = 1
-    sample_interval_ms: PositiveFloat | None = Field(None, description="default: run length / 200")
+    max_replications: Annotated[PosInt, Field(le=MAX_REPLICATIONS)] = 40
+    seed: Annotated[Int, Field(ge=0)] = 1
+    sample_interval_ms: Ms | None = Field(
+        None, description="default: run length / 200; at most 1,000,000 samples per replication")
 
     @model_validator(mode="after")
     def _one_length(self):
@@ -534,7 +573,9 @@ class RunControl(Strict):
 
 
 class Scenario(Strict):
-    name: str
+    name: str = Field(min_length=1, max_length=200,
+                      description="1-200 characters, no control characters; the default "
+                                  "results folder is named after it")
     description: str = ""
     workload: Workload
     devices: dict[str, DeviceSpec] = {}
@@ -545,9 +586,20 @@ class Scenario(Strict):
     embedding: Embedding | None = None
     run: RunControl = RunControl()
 
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, name: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise ValueError(f"must not contain control characters (got {name!r})")
+        return name
+
     @model_validator(mode="after")
     def _cross_refs(self):
         known = ", ".join([*PRESETS, *self.devices])
+        for name in self.stages:
+            if not _STAGE_NAME.match(name):
+                raise ValueError(f"stages.{name}: a stage name is letters, digits, '_' and '-' "
+                                 f"(it is part of field paths and metric names), got {name!r}")
         for name, stage in self.stages.items():
             if stage.nodes.device not in self.devices and stage.nodes.device not in PRESETS:
                 raise ValueError(f"stages.{name}.nodes.device: unknown device "
@@ -555,6 +607,13 @@ class Scenario(Strict):
             dev = getattr(stage.service, "device", None)
             if dev is not None and dev not in self.devices and dev not in PRESETS:
                 raise ValueError(f"stages.{name}.service.device: unknown device {dev!r} (known: {known})")
+            measured = _table_device(stage.service.table) if isinstance(
+                stage.service, (TableService, GRService)) else None
+            node = stage.nodes.device
+            if measured is not None and node in PRESETS and node not in self.devices and measured != node:
+                raise ValueError(f"stages.{name}.service.table: measured on {measured}, but the "
+                                 f"stage's nodes are {node}; set nodes.device: {measured}, or "
+                                 f"carry the table over with kind: roofline, fit_from")
         for name in self.slo.stage_p99_ms:
             if name not in self.stages:
                 raise ValueError(f"slo.stage_p99_ms.{name}: no stage named {name!r}")
@@ -562,6 +621,10 @@ class Scenario(Strict):
         is_trace = isinstance(arrivals, TraceArrivals)
         if not is_trace and self.run.duration_s is None and self.run.requests is None:
             raise ValueError("run: give duration_s or requests")
+        run = self.run
+        if run.warmup_s is not None and run.duration_s is not None and run.warmup_s >= run.duration_s:
+            raise ValueError(f"run.warmup_s: must be < run.duration_s ({run.duration_s:g} s), or no "
+                             f"request would be measured (got {run.warmup_s:g})")
         if (isinstance(arrivals, PiecewiseArrivals) and arrivals.steps[-1].factor == 0
                 and self.run.requests is not None):
             raise ValueError("run.requests: piecewise arrivals end at factor 0, so the count may "
@@ -602,6 +665,10 @@ class Scenario(Strict):
         if relay.cache.hbm_bytes is not None and relay.cache.hbm_bytes > device.hbm_bytes:
             raise ValueError(f"relay.cache.hbm_bytes: {relay.cache.hbm_bytes} exceeds the "
                              f"{device.name} HBM ({device.hbm_bytes} bytes)")
+        one = _one_prefix_bytes(self.workload, stage.service)
+        if relay.cache.hbm_bytes is not None and one is not None and relay.cache.hbm_bytes < one[0]:
+            raise ValueError(f"relay.cache.hbm_bytes: {relay.cache.hbm_bytes} bytes cannot hold one "
+                             f"prefix of the {one[1]} history ({one[0]} bytes)")
         if relay.expander.dram_bytes > device.host_dram_bytes:
             raise ValueError(f"relay.expander.dram_bytes: {relay.expander.dram_bytes} exceeds the "
                              f"host DRAM ({device.host_dram_bytes} bytes)")
@@ -647,6 +714,26 @@ class Scenario(Strict):
         return DeviceSpec(**PRESETS[name])
 
 
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _one_prefix_bytes(workload: Workload, service) -> tuple[int, str] | None:
+    """KV bytes of one prefix, (bytes, which history): the longest history where the scenario
+    bounds it, else the mean; None where unknown without running (traces, unknown KV size)."""
+    kv = _kv_bytes_per_token(service)
+    if kv is None or isinstance(workload.arrivals, TraceArrivals):
+        return None
+    longest = _longest_history(workload)
+    if longest is not None:
+        return longest * kv, "longest"
+    users, dist = workload.users, workload.users.history_len
+    mean = dist.mean if isinstance(dist, LognormalDist) else None
+    if mean is None:
+        return None
+    mean = max(mean, users.min_history_len)
+    return int(mean * kv), "mean"
+
+
 def _longest_history(workload: Workload) -> int | None:
     """The longest history a workload can generate, where the scenario bounds it."""
     users = workload.users
@@ -681,11 +768,38 @@ def _kv_bytes_per_token(service) -> int | None:
 def _manifest_kv_bytes(table: str) -> int | None:
     """kv_bytes_per_token from a table's manifest; None if it cannot be read here (the run's
     table loader then reports the table problem itself)."""
+    try:
+        value = _manifest(table).get("model", {}).get("kv_bytes_per_token")
+    except (ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+@lru_cache(maxsize=64)
+def _table_device(table: str) -> str | None:
+    """The device preset a cost table was measured on, from its manifest's device name; None
+    for an unknown device or an unreadable manifest (the table loader reports that itself)."""
+    from .roofline import PRESET_NAMES
+    try:
+        device = _manifest(table).get("device", {})
+        name, kind = str(device.get("name", "")).lower(), device.get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if kind == "cpu":
+        return "cpu"
+    return next((preset for key, preset in PRESET_NAMES if key in name), None)
+
+
+def _manifest(table: str) -> dict:
+    """A table's manifest as read by the guarded reader ({} if it is not readable JSON)."""
     import json
 
     from simrec.calibration.table import resolve
+
+    from .errors import InputError
+    from .tabular import read_text
     try:
-        value = json.loads(resolve(table).read_text()).get("model", {}).get("kv_bytes_per_token")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+        data = json.loads(read_text(resolve(table), "manifest"))
+    except (InputError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -99,7 +99,7 @@ BAD = [
     (("service: {kind: lognormal, mean_ms: 3, cv: 0.5}", "service: {kind: gamma, mean_ms: 3}"),
      "{p}:12 stages.back.service: kind must be one of 'constant', 'exponential', 'lognormal', "
      "'empirical', 'table', 'gr', 'roofline' (got 'gamma')"),
-    (("  p99_ms: 50", "  p99_ms: 50\n  p99_ms: 60"), None),   # duplicate keys: YAML keeps last; fine
+    (("  p99_ms: 50", "  p99_ms: 50\n  p99_ms: 60"), "{p}:15 slo.p99_ms: duplicate key (also at line 14)"),
     (("slo:\n  p99_ms: 50\n", ""), "{p}:1 slo: required field is missing"),
     (("name: tiny", "name: [tiny"), "__yaml__"),
 ]

@@ -186,6 +186,13 @@ def test_cli_commands_report_bad_input_in_one_line(runs, tmp_path):
     res = cli.invoke(app, ["fit", str(runs["relay"]), "--out", str(tmp_path / "p.json")])
     assert res.exit_code == 0, res.output
     assert "serving profile of relay_u70" in res.output and (tmp_path / "p.json").is_file()
+    res = cli.invoke(app, ["fit", str(runs["full"]), "--out", str(tmp_path / "p.json")])   # a profile: replaced
+    assert res.exit_code == 0, res.output
+    mine = tmp_path / "notes.json"
+    mine.write_text("{}")
+    res = cli.invoke(app, ["fit", str(runs["full"]), "--out", str(mine)])                  # the user's: kept
+    assert res.exit_code == 1 and "not a serving profile: not replaced" in res.output
+    assert mine.read_text() == "{}"
     res = cli.invoke(app, ["fidelity", str(runs["full"]), "--sources", "replay,table", "--replications", "2",
                            "--bootstrap", "100", "--out", str(tmp_path / "f")])
     assert res.exit_code == 0, res.output
