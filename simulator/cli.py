@@ -142,7 +142,11 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML file"),
         seed: Optional[int] = typer.Option(None, help="override run.seed"),
         out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
                                                help="results folder (default: results/<scenario name>)"),
-        report_: bool = ReportOpt):
+        report_: bool = ReportOpt,
+        prediction_interval: bool = typer.Option(
+            False, "--prediction-interval", help="also print each P99 as a central value and a 95% prediction "
+                                                 "interval for one run of this length (what one measured "
+                                                 "window would show, slow episodes included)")):
     """Simulate one scenario and write a results folder (plots and report.html included).
 
     Example: simrec run scenarios/default.yaml --set workload.rate_qps=2000 --seed 3 --out results/x
@@ -160,9 +164,25 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML file"),
     except InputError as e:
         _fail(e, scenario)
     out.print(key_figures(results))
+    if prediction_interval:
+        out.print(p99_prediction_intervals(results.summary["metrics"]))
     for w in [*results.summary["warnings"], *_missed_target(sc, results.summary)]:
         err.print(f"[yellow]warning:[/] {w}")
     out.print(f"results: {target}")
+
+
+def p99_prediction_intervals(metrics: dict) -> str:
+    """One line per stage (and end to end): P99 centre and 95% prediction interval."""
+    from .stats import prediction_interval
+    lines = []
+    for name, m in {"e2e": metrics["e2e"], **metrics.get("stages", {})}.items():
+        reps = m.get("p99_ms", {}).get("replications") if isinstance(m, dict) else None
+        if not reps or any(v is None or v <= 0 for v in reps):
+            continue
+        c, lo, hi = prediction_interval(reps)
+        span = "needs 2 replications" if lo != lo else f"[{lo:.2f}, {hi:.2f}]"
+        lines.append(f"{name} P99 {c:.2f} ms, 95% prediction interval for one run {span} ({len(reps)} replications)")
+    return "\n".join(lines)
 
 
 @app.command()

@@ -171,3 +171,25 @@ def test_prediction_interval_is_a_lognormal_t_interval():
     h = t.ppf(0.975, 1) * (1 / math.sqrt(2)) * math.sqrt(1.5)
     assert lo == pytest.approx(10.0 * math.exp(0.5 - h))
     assert hi == pytest.approx(10.0 * math.exp(0.5 + h))
+
+
+def test_run_prints_p99_prediction_intervals_when_asked(tmp_path):
+    from typer.testing import CliRunner
+    from simrec.cli import app
+    scen = tmp_path / "s.yaml"
+    scen.write_text("""name: pi
+workload: {rate_qps: 100, users: {count: 100}, candidates: {kind: constant, value: 8}}
+stages:
+  s:
+    nodes: {count: 1, device: cpu}
+    service: {kind: exponential, mean_ms: 5}
+    interference: {rate_per_min: 6, duration_s: {kind: constant, value: 2}, slowdown: {kind: constant, value: 2}}
+slo: {p99_ms: 100}
+run: {duration_s: 60, replications: 4, seed: 2}
+""")
+    r = CliRunner().invoke(app, ["run", str(scen), "--prediction-interval", "--no-report", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    import json
+    reps = json.loads((tmp_path / "o" / "summary.json").read_text())["metrics"]["stages"]["s"]["p99_ms"]["replications"]
+    c, lo, hi = prediction_interval(reps)
+    assert f"s P99 {c:.2f} ms, 95% prediction interval for one run [{lo:.2f}, {hi:.2f}] (4 replications)" in r.output
