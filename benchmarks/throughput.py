@@ -1,11 +1,20 @@
-"""Simulated requests per wall-clock second: simrec vs a bare SimPy tandem.
+"""Simulated requests per CPU second: the fast engine, the SimPy engine and a bare SimPy tandem.
+
+All three run in this process, side by side, in alternating order, each repeat cold: the
+runtime objects (cost models and their lookup memos, routers, streams) are built anew, so
+no lookup is served from an earlier run (a parsed cost table is kept, as in any process
+that runs more than one simulation; --reload-tables parses it again every time). Rates are
+CPU time (time.process_time), medians over the repeats, and the ratios are of those medians.
 
 The bare tandem is the cheapest honest SimPy model of the same system: one process per
 request, one `simpy.Resource(capacity=c)` per stage, the same arrival times and the same
 service-time objects (so table interpolation costs the same on both sides). It records
-nothing. Both run in this process, alternating, and medians over repeats are reported.
+nothing. `--tandem-routed` adds a bare tandem with least-loaded routing to per-node
+resources (a scan of the nodes per request, as SimPy users would write it).
 
     python benchmarks/throughput.py [--repeats 5] [--scenario scenarios/default.yaml]
+    python benchmarks/throughput.py --scenario scenarios/relay.yaml --set run.duration_s=10
+    python benchmarks/throughput.py --scenario scenarios/helm.yaml --set run.duration_s=20 --no-tandem
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import time
 import simpy
 
 import simrec
+from simrec.calibration.table import load_table
 from simrec.cascade import prepare, run_replication
 
 
@@ -46,29 +56,85 @@ def bare_tandem(scenario: simrec.Scenario) -> int:
     return len(reqs)
 
 
-def timed(fn) -> tuple[float, int]:
-    t0 = time.perf_counter()
+def bare_tandem_routed(scenario: simrec.Scenario) -> int:
+    """Per-node Resources, least-loaded routing by a scan of the stage's nodes."""
+    prep = prepare(scenario, 0)
+    reqs, stages = prep.requests, prep.stages
+    env = simpy.Environment()
+    pools = [[simpy.Resource(env, capacity=1) for _ in s.nodes] for s in stages]
+    samplers = [(s.service.sample, s.candidates, s.hop_ms) for s in stages]
+
+    def request(env, L, M):
+        for nodes, (sample, cand, hop) in zip(pools, samplers):
+            res = min(nodes, key=lambda r: r.count + len(r.queue))
+            with res.request() as req:
+                yield req
+                yield env.timeout(sample(L, cand or M))
+            if hop:
+                yield env.timeout(hop)
+
+    def source(env):
+        for t, L, M in zip(reqs.arrival_ms.tolist(), reqs.history_len.tolist(), reqs.candidates.tolist()):
+            if t > env.now:
+                yield env.timeout(t - env.now)
+            env.process(request(env, L, M))
+
+    env.process(source(env))
+    env.run()
+    return len(reqs)
+
+
+def cpu_rate(fn, reload_tables: bool = False) -> float:
+    if reload_tables:
+        load_table.cache_clear()
+    t0 = time.process_time()
     n = fn()
-    return time.perf_counter() - t0, n
+    return n / (time.process_time() - t0)
+
+
+def engine(name):
+    def run(sc):
+        rep = run_replication(sc, 0, engine=name)
+        if rep.engine != name:
+            raise SystemExit(f"the {name} engine declined this scenario: {rep.engine_note}")
+        return len(rep.requests)
+    return run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", default="scenarios/default.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="PATH=VALUE")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-tandem", action="store_true", help="skip the bare tandems (relay, HBM)")
+    ap.add_argument("--tandem-routed", action="store_true")
+    ap.add_argument("--reload-tables", action="store_true", help="parse cost tables in every run")
     args = ap.parse_args()
-    sc = simrec.load_scenario(args.scenario, ["run.replications=1"])
-    ours, bare = [], []
-    for _ in range(args.repeats):
-        dt, n = timed(lambda: len(run_replication(sc, 0).requests))
-        ours.append(n / dt)
-        dt, n = timed(lambda: bare_tandem(sc))
-        bare.append(n / dt)
-    mo, mb = statistics.median(ours), statistics.median(bare)
-    print(f"scenario: {args.scenario}, {n} requests per run, {args.repeats} alternating repeats")
-    print(f"simrec run_replication : median {mo:,.0f} simulated req/s  (all: {', '.join(f'{x:,.0f}' for x in ours)})")
-    print(f"bare SimPy tandem      : median {mb:,.0f} simulated req/s  (all: {', '.join(f'{x:,.0f}' for x in bare)})")
-    print(f"ratio simrec / bare    : {mo / mb:.2f}")
+    sc = simrec.load_scenario(args.scenario, ["run.replications=1", *args.set])
+    runs = {"fast engine": engine("fast"), "SimPy engine": engine("simpy")}
+    if not args.no_tandem:
+        runs["bare SimPy tandem"] = bare_tandem
+        if args.tandem_routed:
+            runs["bare tandem, least-loaded"] = bare_tandem_routed
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    names = list(runs)
+    for k in names:                           # untimed: imports, the tables' first parse
+        runs[k](sc)
+    for r in range(args.repeats):
+        order = names if r % 2 == 0 else names[::-1]      # alternate who goes first
+        for k in order:
+            rates[k].append(cpu_rate(lambda: runs[k](sc), args.reload_tables))
+    n = len(prepare(sc, 0).requests)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"scenario: {args.scenario} {' '.join(args.set)}, {n} requests per run, "
+          f"{args.repeats} alternating cold repeats, CPU time")
+    for k, v in rates.items():
+        print(f"  {k:<26}: median {med[k]:>9,.0f} req/s   (all: {', '.join(f'{x:,.0f}' for x in v)})")
+    base = med.get("bare SimPy tandem")
+    print(f"  fast / SimPy engine       : {med['fast engine'] / med['SimPy engine']:.2f}")
+    if base:
+        print(f"  fast / bare tandem        : {med['fast engine'] / base:.2f}")
+        print(f"  SimPy engine / bare tandem: {med['SimPy engine'] / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ arrival; rates and utilisation are per that window.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import scenario as sc
-from .cascade import Replication
+from .cascade import Replication, warmup_cut_ms
 from .folders import atomic_folder
 from .relay import (ADMITTED, DRAM, HIT, PRE_OUTCOMES, PREFIX_OUTCOMES, REJECTED, REMOTE)
 from .stats import CI_LEVEL, CI_METHOD, describe, interval
@@ -30,16 +29,7 @@ except PackageNotFoundError:  # running from a source tree
 
 def warmup_ms(scenario: sc.Scenario, rep: Replication) -> float:
     """Configured warm-up, else 10% of the run (by time, or by request count)."""
-    if scenario.run.warmup_s is not None:
-        return scenario.run.warmup_s * 1000.0
-    arrivals = rep.requests.arrival_ms
-    if scenario.run.duration_s is not None:
-        return 0.1 * scenario.run.duration_s * 1000.0
-    return float(arrivals[len(arrivals) // 10]) if len(arrivals) else 0.0
-
-
-def busy_in_window(starts: np.ndarray, ends: np.ndarray, lo: float, hi: float) -> float:
-    return float(np.sum(np.clip(np.minimum(ends, hi) - np.maximum(starts, lo), 0, None)))
+    return warmup_cut_ms(scenario, rep.requests.arrival_ms)
 
 
 def replication_metrics(scenario: sc.Scenario, rep: Replication) -> dict:
@@ -51,18 +41,19 @@ def replication_metrics(scenario: sc.Scenario, rep: Replication) -> dict:
     latency = np.where(np.isnan(rep.completion_ms), np.inf, rep.completion_ms - arr)[measured]
     ok = latency <= scenario.slo.p99_ms
     out = {"e2e": describe(latency), "stages": {}, "utilisation": {}}
-    for name, rec in rep.stages.items():
-        wait = (rec.start_ms - rec.enter_ms)[measured]
-        sojourn = np.where(np.isnan(wait), np.inf, wait + rec.service_ms[measured])
+    for name in rep.stages:
+        rec = rep.columns(name)
+        wait = (rec["start_ms"] - rec["enter_ms"])[measured]
+        service = rec["service_ms"][measured]
+        sojourn = np.where(np.isnan(wait), np.inf, wait + service)
         if name in scenario.slo.stage_p99_ms:
             ok &= sojourn <= scenario.slo.stage_p99_ms[name]
         done = ~np.isnan(wait)
         out["stages"][name] = {**describe(sojourn),
                                "mean_wait_ms": float(np.mean(wait[done])) if done.any() else np.nan,
-                               "mean_service_ms": float(np.mean(rec.service_ms[measured][done]))
-                               if done.any() else np.nan,
-                               "mean_batch": float(np.mean(rec.batch[measured][done])) if done.any() else np.nan}
-        per_node = [busy_in_window(s, e, cut, rep.end_ms) / window_ms for s, e in rep.busy[name]]
+                               "mean_service_ms": float(np.mean(service[done])) if done.any() else np.nan,
+                               "mean_batch": float(np.mean(rec["batch"][measured][done])) if done.any() else np.nan}
+        per_node = (rep.window_busy_ms[name] / window_ms).tolist()
         out["utilisation"][name] = {"stage": float(np.mean(per_node)),
                                     "nodes": per_node}
     if rep.relay is not None:
@@ -187,15 +178,32 @@ def flat_metrics(summary: dict) -> dict[str, float | None]:
     return row
 
 
-@dataclass
 class Results:
-    """What `simulate` returns: the summary plus per-request and time-series tables."""
+    """What `simulate` returns: the summary plus per-request and time-series tables.
 
-    scenario: sc.Scenario
-    summary: dict
-    requests: pa.Table
-    timeseries: pa.Table
-    replications: list[Replication] = field(repr=False, default_factory=list)
+    The tables are built from the replications' compact records when first asked for;
+    `write` streams the requests to Parquet one replication at a time, so writing a large
+    run never holds the whole table."""
+
+    def __init__(self, scenario: sc.Scenario, summary: dict, replications: list[Replication]):
+        self.scenario, self.summary, self.replications = scenario, summary, replications
+        self._requests: pa.Table | None = None
+        self._timeseries: pa.Table | None = None
+
+    def __repr__(self) -> str:
+        return f"Results({self.scenario.name!r}, {len(self.replications)} replications)"
+
+    @property
+    def requests(self) -> pa.Table:
+        if self._requests is None:
+            self._requests = requests_table(self.scenario, self.replications)
+        return self._requests
+
+    @property
+    def timeseries(self) -> pa.Table:
+        if self._timeseries is None:
+            self._timeseries = timeseries_table(self.scenario, self.replications)
+        return self._timeseries
 
     def metric(self, *path: str) -> dict:
         """e.g. results.metric("e2e", "p99_ms") -> {"mean", "lo", "hi", "replications"}."""
@@ -209,7 +217,7 @@ class Results:
         plots and report.html if `report`."""
         with atomic_folder(out_dir, report) as tmp:
             (tmp / "summary.json").write_text(json.dumps(self.summary, indent=2) + "\n")
-            pq.write_table(self.requests, tmp / "requests.parquet")
+            write_requests(self.scenario, self.replications, tmp / "requests.parquet")
             pq.write_table(self.timeseries, tmp / "timeseries.parquet")
         return Path(out_dir)
 
@@ -232,9 +240,24 @@ def table_hashes(scenario_data: dict) -> dict[str, str]:
     return {name: t["sha256"] for name, t in cost_tables(scenario_data).items()}
 
 
-def summarise(scenario: sc.Scenario, reps: list[Replication]) -> Results:
-    per_rep = [replication_metrics(scenario, r) for r in reps]
+def engine_info(scenario: sc.Scenario, reps: list[Replication], asked: str | None = None) -> dict:
+    """Which engine was asked for and which ran, with the reasons the fast engine declined."""
+    asked = asked or getattr(scenario.run, "engine", None) or "auto"
+    notes = sorted({r.engine_note for r in reps if r.engine_note})
+    return {"requested": asked, "used": sorted({r.engine for r in reps}), "notes": notes}
+
+
+def summarise(scenario: sc.Scenario, reps: list[Replication],
+              per_rep: list[dict] | None = None, engine: str | None = None) -> Results:
+    """The summary of these replications (`per_rep`: their `replication_metrics`, if known;
+    `engine`: the engine asked for, if not the scenario's)."""
+    per_rep = [replication_metrics(scenario, r) for r in reps] if per_rep is None else \
+        [{**m} for m in per_rep]
     counts = [m.pop("counts") for m in per_rep]
+    engine = engine_info(scenario, reps, engine)
+    warnings = [w for w in [settling_warning(scenario, reps)] if w]
+    if engine["requested"] == "fast" and "simpy" in engine["used"]:
+        warnings.append(f"run.engine fast: SimPy ran instead ({'; '.join(engine['notes'])})")
     tables = cost_tables(scenario.model_dump(mode="json"))
     summary = {
         "simrec_version": VERSION,
@@ -249,45 +272,68 @@ def summarise(scenario: sc.Scenario, reps: list[Replication]) -> Results:
                      "measured": sum(c["measured"] for c in counts),
                      "warmup_ms": [c["warmup_ms"] for c in counts]},
         "extrapolated_lookups": {name: sum(r.extrapolated[name] for r in reps) for name in scenario.stages},
-        "warnings": [w for w in [settling_warning(scenario, reps)] if w],
+        "warnings": warnings,
+        "engine": engine,
         "metrics": _merge(per_rep),
     }
-    return Results(scenario, summary, requests_table(scenario, reps), timeseries_table(scenario, reps),
-                   reps)
+    return Results(scenario, summary, reps)
 
 
 def requests_table(scenario: sc.Scenario, reps: list[Replication]) -> pa.Table:
-    parts = []
-    for rep in reps:
-        r = rep.requests
-        n = len(r)
-        latency = rep.completion_ms - r.arrival_ms
-        cols = {
-            "replication": np.full(n, rep.index, np.int32),
-            "request_id": np.arange(n, dtype=np.int64),
-            "arrival_ms": r.arrival_ms, "user_id": r.user_id,
-            "history_len": r.history_len, "candidates": r.candidates,
-            "warmup": r.arrival_ms < warmup_ms(scenario, rep),
-            "completion_ms": rep.completion_ms, "latency_ms": latency,
-            "within_slo": np.nan_to_num(latency, nan=np.inf) <= scenario.slo.p99_ms,
-        }
-        for name, rec in rep.stages.items():
-            cols[f"{name}_node"] = rec.node
-            cols[f"{name}_wait_ms"] = rec.start_ms - rec.enter_ms
-            cols[f"{name}_service_ms"] = rec.service_ms
-            cols[f"{name}_batch"] = rec.batch
-            cols[f"{name}_hop_ms"] = rec.hop_ms
-        if rep.relay is not None:
-            name = rep.relay.stage.name
-            cols[f"{name}_prefix"] = _labels(rep.relay.prefix, PREFIX_OUTCOMES)
-            cols["pre_infer"] = _labels(rep.relay.pre, PRE_OUTCOMES)
-            if rep.relay.hbm is not None:
-                hbm = rep.relay.hbm
-                cols[f"{name}_emb_ids"] = hbm.ids
-                cols[f"{name}_emb_misses"] = hbm.misses
-                cols[f"{name}_emb_ms"] = hbm.emb_ms
-        parts.append(pa.table(cols))
-    return pa.concat_tables(parts)
+    return pa.concat_tables([requests_part(scenario, rep) for rep in reps])
+
+
+ROW_GROUP = 1 << 18      # requests.parquet is written this many rows at a time
+
+
+def write_requests(scenario: sc.Scenario, reps: list[Replication], path: Path) -> None:
+    """requests.parquet, a row group at a time (never the whole table in memory)."""
+    writer = None
+    try:
+        for rep in reps:
+            for lo in range(0, max(len(rep.requests), 1), ROW_GROUP):
+                part = requests_part(scenario, rep, slice(lo, lo + ROW_GROUP))
+                if writer is None:
+                    writer = pq.ParquetWriter(path, part.schema)
+                writer.write_table(part)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def requests_part(scenario: sc.Scenario, rep: Replication, rows: slice = slice(None)) -> pa.Table:
+    """One replication's rows of requests.parquet (all, or `rows`)."""
+    r = rep.requests
+    arrival = r.arrival_ms[rows]
+    n = len(arrival)
+    completion = rep.completion_ms[rows]
+    latency = completion - arrival
+    cols = {
+        "replication": np.full(n, rep.index, np.int32),
+        "request_id": np.arange(len(r), dtype=np.int64)[rows],
+        "arrival_ms": arrival, "user_id": r.user_id[rows],
+        "history_len": r.history_len[rows], "candidates": r.candidates[rows],
+        "warmup": arrival < warmup_ms(scenario, rep),
+        "completion_ms": completion, "latency_ms": latency,
+        "within_slo": np.nan_to_num(latency, nan=np.inf) <= scenario.slo.p99_ms,
+    }
+    for name in rep.stages:
+        rec = rep.columns(name, rows)
+        cols[f"{name}_node"] = rec["node"]
+        cols[f"{name}_wait_ms"] = rec["start_ms"] - rec["enter_ms"]
+        cols[f"{name}_service_ms"] = rec["service_ms"]
+        cols[f"{name}_batch"] = rec["batch"]
+        cols[f"{name}_hop_ms"] = rec["hop_ms"]
+    if rep.relay is not None:
+        name = rep.relay.stage.name
+        cols[f"{name}_prefix"] = _labels(rep.relay.prefix[rows], PREFIX_OUTCOMES)
+        cols["pre_infer"] = _labels(rep.relay.pre[rows], PRE_OUTCOMES)
+        if rep.relay.hbm is not None:
+            hbm = rep.relay.hbm
+            cols[f"{name}_emb_ids"] = hbm.ids[rows]
+            cols[f"{name}_emb_misses"] = hbm.misses[rows]
+            cols[f"{name}_emb_ms"] = hbm.emb_ms[rows]
+    return pa.table(cols)
 
 
 def _labels(codes: np.ndarray, names: dict[int, str]) -> pa.DictionaryArray:

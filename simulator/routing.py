@@ -5,6 +5,10 @@ consistent-hash ring with virtual nodes, so a user's pre-infer signal and its ra
 request meet on the same instance; the fallback variant leaves the ring when the home
 instance is overloaded. Ties between equally loaded nodes go to the lowest index.
 
+A router is a plain state machine: it reads node state, and the load-based ones keep an
+index of it (`LeastLoaded`) that the nodes update through their `watch` hook, so a pick
+costs O(log N), not a scan of the pool. Both engines drive the same router objects.
+
 `hbm_aware` (HELM's EMB/KV-aware routing) needs the relay's cache state, so the relay
 installs it with `make_cost_router`: the node with the least expected finish time, i.e.
 its predicted backlog plus this ranking's predicted time there, which is short where the
@@ -14,6 +18,7 @@ user's prefix is resident and where the embedding hit ratio is high. Until the r
 from __future__ import annotations
 
 from bisect import bisect_left
+from heapq import heapify, heappop, heappush
 from typing import Callable
 
 import numpy as np
@@ -50,8 +55,57 @@ def load(node) -> int:
     return len(node.queue) + len(node.pre_queue) + node.in_service
 
 
+class LeastLoaded:
+    """`min(nodes, key=load)` (ties to the lowest index) in O(log N): a heap of
+    (load, index) entries kept current by `update`, which every node calls (its `watch`)
+    after its load changes. Stale entries are skipped lazily and the heap is rebuilt when
+    they pile up. With `indexed=False` it scans instead: for node owners that change
+    loads without telling (the relay worker drops a cancelled pre-infer job silently)."""
+
+    __slots__ = ("nodes", "cur", "heap", "indexed")
+
+    def __init__(self, nodes: list, indexed: bool = True):
+        self.nodes, self.indexed = nodes, indexed
+        self.cur = [load(nd) for nd in nodes]
+        self.heap = [(l, i) for i, l in enumerate(self.cur)]
+        heapify(self.heap)
+        if indexed:
+            for nd in nodes:
+                nd.watch = self.update
+
+    def update(self, node) -> None:
+        i = node.index
+        now = len(node.queue) + len(node.pre_queue) + node.in_service
+        if now != self.cur[i]:
+            self.cur[i] = now
+            heappush(self.heap, (now, i))
+            if len(self.heap) > 4 * len(self.cur) + 64:
+                self.rebuild()
+
+    def rebuild(self) -> None:
+        """Drop the stale entries (in place: an engine may hold the list)."""
+        self.heap[:] = [(l, j) for j, l in enumerate(self.cur)]
+        heapify(self.heap)
+
+    def pick(self, user: int = 0):
+        """The least-loaded node (the index's first entry that is current)."""
+        heap, cur = self.heap, self.cur
+        while True:
+            l, i = heap[0]
+            if cur[i] == l:
+                return self.nodes[i]
+            heappop(heap)
+
+    def scan(self, user: int = 0):
+        return min(self.nodes, key=load)
+
+    def __call__(self, user: int = 0):
+        return self.pick(user) if self.indexed else self.scan(user)
+
+
 def make_picker(kind: str, nodes: list, rng: np.random.Generator, virtual_nodes: int = 64,
-                overload_jobs: int = 8) -> Callable[[int], object]:
+                overload_jobs: int = 8, indexed: bool = True) -> Callable[[int], object]:
+    """The router of a stage. `indexed`: the nodes report load changes (see LeastLoaded)."""
     n = len(nodes)
     if n == 1:
         only = nodes[0]
@@ -65,15 +119,18 @@ def make_picker(kind: str, nodes: list, rng: np.random.Generator, virtual_nodes:
             return nodes[i]
         return round_robin
     if kind in ("least_loaded", "hbm_aware"):
-        return lambda user: min(nodes, key=load)
+        router = LeastLoaded(nodes, indexed)
+        return router.pick if indexed else router.scan
     if kind in ("affinity", "affinity_fallback"):
         ring = HashRing(n, virtual_nodes)
         if kind == "affinity":
             return lambda user: nodes[ring.node_of(user)]
+        router = LeastLoaded(nodes, indexed)
+        least = router.pick if indexed else router.scan
 
         def affinity_fallback(user: int):
             home = nodes[ring.node_of(user)]
-            return home if load(home) < overload_jobs else min(nodes, key=load)
+            return home if load(home) < overload_jobs else least(user)
         return affinity_fallback
     uniform = Draws(rng, lambda r, k: r.uniform(0, 1, k)).next
     if kind == "random":

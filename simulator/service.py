@@ -22,22 +22,21 @@ class ServiceTime(Protocol):
 
 
 class Draws:
-    """Yields draws from `fill(rng, n)` one at a time, refilled in blocks."""
+    """Yields draws from `fill(rng, n)` one at a time, refilled in blocks of _BLOCK.
+    (`it`, the current block's iterator, is there for callers that take a draw in line:
+    `for v in draws.it: break` / `else: v = draws.next()`.)"""
 
-    __slots__ = ("_rng", "_fill", "_buf", "_i")
+    __slots__ = ("_rng", "_fill", "it")
 
     def __init__(self, rng: np.random.Generator, fill: Callable[[np.random.Generator, int], np.ndarray]):
         self._rng, self._fill = rng, fill
-        self._buf: list[float] = []
-        self._i = 0
+        self.it = iter(())
 
     def next(self) -> float:
-        if self._i >= len(self._buf):
-            self._buf = self._fill(self._rng, _BLOCK).tolist()
-            self._i = 0
-        v = self._buf[self._i]
-        self._i += 1
-        return v
+        for v in self.it:
+            return v
+        self.it = iter(self._fill(self._rng, _BLOCK).tolist())
+        return next(self.it)
 
 
 class Constant:
@@ -57,15 +56,21 @@ class FromDistribution:
         self.mean_ms = mean_ms
 
     def sample(self, L: int, M: int) -> float:
+        for v in self._draws.it:
+            return v
         return self._draws.next()
 
 
 class FromTable:
-    """Draws from a measured phase curve at the job's shape (a `table` service)."""
+    """Draws from a measured phase curve at the job's shape (a `table` service).
+
+    The lookup memo belongs to this object, i.e. to one replication: a table outlives runs,
+    its lookups' memo must not (a warm memo would make the next run look faster)."""
 
     def __init__(self, curve, rng: np.random.Generator, extrapolate: bool, where: str):
         self.curve = curve
         self._u = Draws(rng, lambda r, n: r.uniform(0, 1, n))
+        self._memo = curve.new_memo()
         self.extrapolate = extrapolate
         self.where = where
 
@@ -73,7 +78,15 @@ class FromTable:
         return check_shapes(self.curve, L, M, self.extrapolate, self.where)
 
     def sample(self, L: int, M: int) -> float:
-        return self.curve.sample_ms(L, M, self._u.next())
+        for u in self._u.it:
+            break
+        else:
+            u = self._u.next()
+        return self.curve.sample_ms(L, M, u, self._memo)
+
+    def median(self, name: str, L: int, M: int = 0) -> float:
+        """The curve's median at (L, M) (one curve: the phase name is the service's)."""
+        return self.curve.median_ms(L, M, self._memo)
 
 
 class GRPhases:
@@ -94,6 +107,7 @@ class GRPhases:
             raise InputError(e.message, e.source, where) from None
         self.extrapolate, self.where = extrapolate, where
         self._u = Draws(rng, lambda r, n: r.uniform(0, 1, n))
+        self._memos = {p: c.new_memo() for p, c in self.curves.items()}     # this replication's
         self.kv_bytes_per_token = kv_bytes_per_token or table.manifest.model.get("kv_bytes_per_token")
         if relay and not self.kv_bytes_per_token:
             raise InputError("the table's model has no kv_bytes_per_token; set it on the service",
@@ -106,13 +120,13 @@ class GRPhases:
                    for p, c in self.curves.items())
 
     def sample(self, L: int, M: int) -> float:
-        return self.curves["full_forward"].sample_ms(L, M, self._u.next())
+        return self.curves["full_forward"].sample_ms(L, M, self._u.next(), self._memos["full_forward"])
 
     def phase(self, name: str, L: int, M: int = 0) -> float:
-        return self.curves[name].sample_ms(L, M, self._u.next())
+        return self.curves[name].sample_ms(L, M, self._u.next(), self._memos[name])
 
     def median(self, name: str, L: int, M: int = 0) -> float:
-        return self.curves[name].median_ms(L, M)
+        return self.curves[name].median_ms(L, M, self._memos[name])
 
     def prefix_bytes(self, L: int) -> int:
         return int(L * self.kv_bytes_per_token)
