@@ -547,6 +547,9 @@ class SLO(Strict):
 
 
 class RunControl(Strict):
+    engine: Literal["simpy", "fast", "auto"] = Field(
+        "auto", description="simulation engine: simpy (the reference), fast (stage by stage, byte-identical; "
+                            "declines with a reason and SimPy runs), auto (fast wherever exact)")
     duration_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] | None = None
     requests: Annotated[PosInt, Field(le=MAX_REQUESTS)] | None = None
     warmup_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)] | None = Field(
