@@ -18,30 +18,12 @@ import pytest
 from typer.testing import CliRunner
 
 from simrec.cli import app
+from test_cli import GOOD          # the same small valid scenario
 
 REPO = Path(__file__).resolve().parent.parent
 RELAY = str(REPO / "scenarios" / "relay.yaml")
 DEFAULT = str(REPO / "scenarios" / "default.yaml")
 
-GOOD = """\
-name: tiny
-workload:
-  rate_qps: 200
-stages:
-  front:
-    nodes: {count: 2, device: cpu}
-    service: {kind: exponential, mean_ms: 2}
-    hop_ms: 0.5
-  back:
-    nodes: {count: 1, device: h100}
-    batch: {max_size: 4, max_wait_ms: 1}
-    service: {kind: lognormal, mean_ms: 3, cv: 0.5}
-slo:
-  p99_ms: 50
-run:
-  requests: 2000
-  replications: 2
-"""
 TRACE_HEAD = "arrival_ms,user_id,history_len,candidates\n"
 TRACED = GOOD.replace("  rate_qps: 200\n", "  arrivals: {kind: trace, path: t.csv}\n").replace(
     "  requests: 2000\n", "")
