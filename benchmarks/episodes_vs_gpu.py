@@ -17,7 +17,6 @@ import datetime
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 

@@ -79,7 +79,7 @@ def find_old_runs(paths: list[Path]) -> list[Path]:
 
 def converted(run: OldRun) -> tuple[pd.DataFrame, dict, dict, int]:
     """(jobs in the new format, run.yaml mapping without meta, remaining meta, pending count)."""
-    meta, scen = run.meta, run.scenario
+    meta = run.meta
     jobs = run.jobs
     kind = jobs["kind"].astype(str).to_numpy()
     outcome = jobs["outcome"].astype(str).to_numpy().copy()
