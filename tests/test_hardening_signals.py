@@ -129,7 +129,9 @@ def test_kill_run_leaves_target_complete_or_untouched(earlier, sig, when):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["INT", "TERM", "KILL"])
 def test_kill_sweep_leaves_no_orphan_workers(tmp_path, sig):
-    (tmp_path / "s.yaml").write_text(SCENARIO.replace("REQUESTS", "60000"))
+    # long enough points that the pool is still busy when the signal comes (the fast engine
+    # runs ~80k requests/s)
+    (tmp_path / "s.yaml").write_text(SCENARIO.replace("REQUESTS", "1000000"))
     p = simrec("sweep", tmp_path / "s.yaml", "--grid", "workload.rate_qps=300,350,400,450",
                "--workers", 2, "--out", tmp_path / "sw", "--no-report", start_new_session=True)
     assert wait_for(lambda: len(children(p.pid)) >= 2 or p.poll() is not None)
