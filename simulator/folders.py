@@ -103,7 +103,13 @@ def atomic_folder(out: str | Path, report: bool = False,
     folder appears complete or not at all. `replaces` says which existing folder may be
     replaced. Write errors (a full disk, a read-only folder) become one InputError."""
     out = Path(out)
-    check_target(out, replaces)
+    try:
+        check_target(out, replaces)
+    except InputError:
+        if not out.parent.is_dir():
+            raise
+        with _locked(out.parent):          # another writer may have been mid-swap: look again, steadily
+            check_target(out, replaces)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with _locked(out.parent):
