@@ -31,42 +31,27 @@ from simrec.cascade import prepare, run_replication
 
 
 def bare_tandem(scenario: simrec.Scenario) -> int:
-    prep = prepare(scenario, 0)
-    reqs, stages = prep.requests, prep.stages
-    env = simpy.Environment()
-    resources = [simpy.Resource(env, capacity=len(s.nodes)) for s in stages]
-    samplers = [(s.service.sample, s.candidates, s.hop_ms) for s in stages]
-
-    def request(env, L, M):
-        for res, (sample, cand, hop) in zip(resources, samplers):
-            with res.request() as req:
-                yield req
-                yield env.timeout(sample(L, cand or M))
-            if hop:
-                yield env.timeout(hop)
-
-    def source(env):
-        for t, L, M in zip(reqs.arrival_ms.tolist(), reqs.history_len.tolist(), reqs.candidates.tolist()):
-            if t > env.now:
-                yield env.timeout(t - env.now)
-            env.process(request(env, L, M))
-
-    env.process(source(env))
-    env.run()
-    return len(reqs)
+    """One shared Resource per stage (capacity = its nodes): the M/M/c tandem in bare SimPy."""
+    return _bare(scenario, lambda env, s: [simpy.Resource(env, capacity=len(s.nodes))])
 
 
 def bare_tandem_routed(scenario: simrec.Scenario) -> int:
     """Per-node Resources, least-loaded routing by a scan of the stage's nodes."""
+    return _bare(scenario, lambda env, s: [simpy.Resource(env, capacity=1) for _ in s.nodes])
+
+
+def _bare(scenario: simrec.Scenario, resources) -> int:
+    """The scenario's stages as bare SimPy Resources (`resources(env, stage)` per stage; with
+    several, the least loaded is taken), costed by simrec's own service models."""
     prep = prepare(scenario, 0)
     reqs, stages = prep.requests, prep.stages
     env = simpy.Environment()
-    pools = [[simpy.Resource(env, capacity=1) for _ in s.nodes] for s in stages]
+    pools = [resources(env, s) for s in stages]
     samplers = [(s.service.sample, s.candidates, s.hop_ms) for s in stages]
 
     def request(env, L, M):
         for nodes, (sample, cand, hop) in zip(pools, samplers):
-            res = min(nodes, key=lambda r: r.count + len(r.queue))
+            res = nodes[0] if len(nodes) == 1 else min(nodes, key=lambda r: r.count + len(r.queue))
             with res.request() as req:
                 yield req
                 yield env.timeout(sample(L, cand or M))

@@ -234,6 +234,27 @@ class Inputs:
 SOURCES = ("an arrival", "the stage's own event", "a sample instant", "a signal", "a controller")
 
 
+def _first_of_equal(stage, ta: float, th: float, ts: float, in_lvl, in_s, in_lam, ai: int, heap, ts_s0) -> int:
+    """Which of an arrival (0), the heap's next event (1) and a sample (2), two or more at
+    the same time, SimPy would run first: by (level in the instant, scheduling order). -1
+    when all are at infinity (the stage is done). Only exact ties come here, off the hot path."""
+    t = min(ta, th, ts)
+    if t == INF:
+        return -1
+    cands = []
+    if ta == t:
+        cands.append((in_lvl, in_s[ai], in_lam[ai], 0))
+    if th == t:
+        h = heap[0]
+        cands.append((h[1], h[2], h[3], 1))
+    if ts == t:
+        cands.append((0, ts_s0, 0, 2))
+    cands.sort()
+    if len(cands) > 1 and cands[0][:3] == cands[1][:3]:
+        raise _tie(stage, t, cands)
+    return cands[0][3]
+
+
 def _tie(stage, t, cands) -> Tie:
     a, b = (SOURCES[c[-1]] for c in cands[:2])
     return Tie(f"stage {stage.name}: {a} and {b} at t={t!r} ms, made at the same instant "
@@ -404,23 +425,9 @@ class QueueStage(_StageSim):
             elif ts < ta and ts < th:
                 which = 2
             else:
-                t = ta if ta < th else th
-                if ts < t:
-                    t = ts
-                if t == INF:
+                which = _first_of_equal(stage, ta, th, ts, in_lvl, in_s, in_lam, ai, heap, ts_s0)
+                if which < 0:
                     break
-                cands = []
-                if ta == t:
-                    cands.append((in_lvl, in_s[ai], in_lam[ai], 0))
-                if th == t:
-                    h = heap[0]
-                    cands.append((h[1], h[2], h[3], 1))
-                if ts == t:
-                    cands.append((0, ts_s0, 0, 2))
-                cands.sort()
-                if len(cands) > 1 and cands[0][:3] == cands[1][:3]:
-                    raise _tie(stage, t, cands)
-                which = cands[0][3]
             if which == 0:                          # an arrival
                 t = ta
                 if t > t_stop or (t == t_stop and in_lvl > 0):
@@ -681,21 +688,9 @@ class QueueStage(_StageSim):
             elif ts < ta and ts < th:
                 which = 2
             else:
-                t = min(ta, th, ts)
-                if t == INF:
+                which = _first_of_equal(stage, ta, th, ts, in_lvl, in_s, in_lam, ai, heap, ts_s0)
+                if which < 0:
                     break
-                cands = []
-                if ta == t:
-                    cands.append((in_lvl, in_s[ai], in_lam[ai], 0))
-                if th == t:
-                    h = heap[0]
-                    cands.append((h[1], h[2], h[3], 1))
-                if ts == t:
-                    cands.append((0, ts_s0, 0, 2))
-                cands.sort()
-                if len(cands) > 1 and cands[0][:3] == cands[1][:3]:
-                    raise _tie(stage, t, cands)
-                which = cands[0][3]
             if which == 0:                          # an arrival
                 t = ta
                 if t > t_stop or (t == t_stop and in_lvl > 0):

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import stat
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -154,3 +159,16 @@ def check_cache_accounting(cache, pinned_before, op: str, user: int) -> None:
     assert cache.pinned == sum(e.nbytes for e in cache.entries.values() if e.pins)
     gone = {user} if op == "discard" else set()
     assert set(pinned_before) - gone <= set(cache.entries)
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under root: kind and, for files, a content hash (FIFOs are not opened)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) \
+                and st.st_size < 2**24 else st.st_size
+            out[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), digest)
+    return out

@@ -8,9 +8,7 @@ runs, so the whole file takes a few seconds.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import stat
 import textwrap
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simrec.cli import app
+from conftest import snapshot
 from test_cli import GOOD          # the same small valid scenario
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,19 +26,6 @@ DEFAULT = str(REPO / "scenarios" / "default.yaml")
 TRACE_HEAD = "arrival_ms,user_id,history_len,candidates\n"
 TRACED = GOOD.replace("  rate_qps: 200\n", "  arrivals: {kind: trace, path: t.csv}\n").replace(
     "  requests: 2000\n", "")
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under root: kind and, for files, a content hash (FIFOs are not opened)."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            st = os.lstat(p)
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) \
-                and st.st_size < 2**24 else st.st_size
-            out[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), digest)
-    return out
 
 
 def assert_refused(tmp_path: Path, args: list) -> str:

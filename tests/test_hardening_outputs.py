@@ -8,16 +8,15 @@ one line. Concurrent writers and stale temp folders of dead processes are handle
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import stat
 import threading
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from conftest import snapshot
 from simrec import folders
 from simrec.cli import app
 from simrec.folders import atomic_folder, clean_stale, is_simrec_folder, safe_name
@@ -36,17 +35,6 @@ run:
   requests: 300
   replications: 2
 """
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        for name in dirs + files:
-            p = Path(dirpath) / name
-            st = os.lstat(p)
-            digest = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
-            out[str(p.relative_to(root))] = (stat.S_IFMT(st.st_mode), digest)
-    return out
 
 
 def invoke(*args):
