@@ -42,7 +42,8 @@ from torch import nn
 from .gr_models import GRModel, GRSpec, Phases, build_model, self_check, suffix_mask
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
-TABLE_COLUMNS = ("phase", "condition", "history_len", "candidates", "quantile", "time_ms", "n_samples")
+TABLE_COLUMNS = ("phase", "condition", "history_len", "candidates", "quantile", "time_ms", "n_samples",
+                 "batch")
 KERNEL_COLUMNS = ("kernel", "dim_a", "dim_b", "dim_c", "condition", "quantile", "time_ms", "n_samples")
 L_PHASES = ("prefix_encode", "prefix_reload")                 # shape (L, 0)
 LM_PHASES = ("rank_cached", "full_forward")                   # shape (L, M), serving-critical
@@ -55,6 +56,10 @@ GRAPHS_NOTE = ("The GR phases (prefix_encode, rank_cached, full_forward) run as 
                "shape (gr_models.Phases): each call copies its inputs into the graph's static "
                "buffers (rank_cached: the cached K/V too) and replays it; prefix_encode clones the "
                "K/V out. No torch.compile.")
+
+BATCH_NOTE = ("Rows with batch B > 1 (B in {sizes}, isolated only): rank_cached and full_forward "
+              "over B requests of the same (L, M) in one call (B cached prefixes, B x (s + M) "
+              "suffix tokens), measured where B x (L + s + M) <= {cap} tokens. ")
 
 CONDITION_NOTES = {
     "isolated": "back-to-back: each call is issued as soon as the previous one has finished "
@@ -145,6 +150,7 @@ class Cell:
     inputs: list[tuple]
     est_ms: float = 0.0
     n: int = 0
+    B: int = 1
 
 
 def measure_cells(cells: list[Cell], clock: Clock, budget: Budget, rng: np.random.Generator,
@@ -313,6 +319,8 @@ class Config:
     kernels: bool
     seed: int
     graphs: bool = False
+    batch_sizes: tuple[int, ...] = ()
+    batch_max_tokens: int = 32768
 
 
 class Bench:
@@ -348,15 +356,16 @@ class Bench:
         """Enough input sets that one rotation moves about rotate_bytes (so caches don't flatter)."""
         return int(min(max(math.ceil(self.cfg.rotate_bytes / max(set_bytes, 1)), lo), hi))
 
-    def tokens(self, t: int) -> torch.Tensor:
-        return self.randn(1, t, self.spec.d_model)
+    def tokens(self, t: int, batch: int = 1) -> torch.Tensor:
+        return self.randn(batch, t, self.spec.d_model)
 
     def sync(self):
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
 
     # -- phase setups: the cells of one phase under one condition, sharing per-L / per-M inputs
-    def cells(self, phase: str, condition: str) -> list[Cell]:
+    def cells(self, phase: str, condition: str, B: int = 1) -> list[Cell]:
+        """B > 1: a padded batch of B requests of the same shape in one call (LM phases only)."""
         sp, m, ph = self.spec, self.model, self.phases
         s, d, esize = sp.short_term_tokens, sp.d_model, self.dtype.itemsize
         per_L: dict[int, list] = {}
@@ -364,7 +373,7 @@ class Bench:
 
         def hist(L):  # token sets of L history tokens
             if L not in per_L:
-                per_L[L] = [self.tokens(L) for _ in range(self.n_sets(L * d * esize))]
+                per_L[L] = [self.tokens(L, B) for _ in range(self.n_sets(B * L * d * esize))]
             return per_L[L]
 
         def kv(L):  # cached prefixes of L tokens
@@ -373,20 +382,21 @@ class Bench:
                     shape = (sp.layers, 2, 1, sp.heads, L, sp.head_dim)
                     per_L[L] = [self.pool.prefix(shape, self.rng) for _ in range(64)]
                 else:
-                    per_L[L] = [m.encode_prefix(self.tokens(L))
-                                for _ in range(self.n_sets(L * sp.kv_bytes_per_token))]
+                    per_L[L] = [m.encode_prefix(self.tokens(L, B))
+                                for _ in range(self.n_sets(B * L * sp.kv_bytes_per_token, 2))]
             return per_L[L]
 
         def suffix(M):  # (short-term, candidates) token sets
             if M not in per_M:
-                per_M[M] = [(self.tokens(s), self.tokens(M)) for _ in range(self.n_sets((s + M) * d * esize))]
+                per_M[M] = [(self.tokens(s, B), self.tokens(M, B))
+                            for _ in range(self.n_sets(B * (s + M) * d * esize))]
             return per_M[M]
 
         def combine(a: list, b: list, f) -> list[tuple]:
             return [f(a[i % len(a)], b[i % len(b)]) for i in range(max(len(a), len(b)))]
 
         out = []
-        for L, M in self.shapes(phase):
+        for L, M in self.shapes(phase, B):
             if phase == "prefix_encode":
                 fn, inputs = ph.encode, [(h,) for h in hist(L)]
             elif phase == "full_forward":
@@ -414,24 +424,29 @@ class Bench:
                 inputs = [(self.randn(M, width),) for _ in range(self.n_sets(M * width * esize))]
             else:
                 raise ValueError(phase)
-            out.append(Cell(L, M, fn, inputs))
+            out.append(Cell(L, M, fn, inputs, B=B))
         return out
 
-    def shapes(self, phase: str) -> list[tuple[int, int]]:
+    def shapes(self, phase: str, B: int = 1) -> list[tuple[int, int]]:
+        """The grid of a phase; a batch of B only where B x (L + s + M) <= batch_max_tokens."""
         Ls, Ms = self.cfg.history_lens, self.cfg.candidates
         if phase in L_PHASES:
             return [(L, 0) for L in Ls]
         if phase in M_PHASES:
             return [(0, M) for M in Ms]
-        return [(L, M) for L in Ls for M in Ms]
+        s = self.spec.short_term_tokens
+        return [(L, M) for L in Ls for M in Ms
+                if B == 1 or B * (L + s + M) <= self.cfg.batch_max_tokens]
 
-    def run_phase(self, phase: str, condition: str, hook=None):
+    def run_phase(self, phase: str, condition: str, hook=None, B: int = 1):
         t0 = time.monotonic()
         gc.collect()
         try:
-            cells = self.cells(phase, condition)
+            cells = self.cells(phase, condition, B)
+            if not cells:
+                return
             self.sync()
-            print(f"== {phase} / {condition}: {len(cells)} shapes, inputs ready in "
+            print(f"== {phase} / {condition} / batch {B}: {len(cells)} shapes, inputs ready in "
                   f"{time.monotonic() - t0:.1f}s", flush=True)
             results = measure_cells(cells, self.clock, self.cfg.budget, self.rng, hook)
         except torch.OutOfMemoryError as e:
@@ -442,8 +457,8 @@ class Bench:
                 raise RuntimeError(f"bad timings at {phase}/{condition} L={c.L} M={c.M}: {x[:5]}")
             q = np.quantile(x, QUANTILES)
             for qq, t in zip(QUANTILES, q):
-                self.rows.append((phase, condition, c.L, c.M, qq, float(t), len(x)))
-            print(f"  {phase:15s} {condition:14s} L={c.L:6d} M={c.M:5d} n={len(x):4d} "
+                self.rows.append((phase, condition, c.L, c.M, qq, float(t), len(x), c.B))
+            print(f"  {phase:15s} {condition:14s} B={c.B} L={c.L:6d} M={c.M:5d} n={len(x):4d} "
                   f"p50={q[4]:9.3f} p99={q[8]:9.3f} ms", flush=True)
         del cells
         print(f"== [{self.cfg.budget.elapsed():6.1f}s] {phase} / {condition} done in "
@@ -491,6 +506,9 @@ class Bench:
         with torch.inference_mode():
             for phase in PHASES:
                 self.run_phase(phase, "isolated")
+            for B in cfg.batch_sizes:
+                for phase in LM_PHASES:
+                    self.run_phase(phase, "isolated", B=B)
             if "idle_gap" in cfg.conditions:
                 hook = IdleGap(*cfg.gap_ms, self.rng)
                 for phase in LM_PHASES:
@@ -601,7 +619,7 @@ class Bench:
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         t = pd.DataFrame(self.rows, columns=list(TABLE_COLUMNS))
         k = pd.DataFrame(self.kernel_rows, columns=list(KERNEL_COLUMNS))
-        for f, ints in ((t, ("history_len", "candidates", "n_samples")),
+        for f, ints in ((t, ("history_len", "candidates", "n_samples", "batch")),
                         (k, ("dim_a", "dim_b", "dim_c", "n_samples"))):
             for col in ints:
                 f[col] = f[col].astype("int64")
@@ -655,6 +673,9 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
     model = {**cfg.spec.to_dict(), "emb_rows": cfg.emb_rows, "emb_dim": cfg.emb_dim,
              "corpus_items": cfg.corpus_items, "retrieval_dim": cfg.retrieval_dim,
              "prerank_mlp": bench.prerank_dims, "batch": 1, "cuda_graphs": cfg.graphs}
+    grid = {"history_len": list(cfg.history_lens), "candidates": list(cfg.candidates)}
+    if cfg.batch_sizes:
+        grid["batch"] = [1, *cfg.batch_sizes]
     manifest = {
         "format_version": 1,
         "name": name,
@@ -665,7 +686,7 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
         "versions": _versions(cfg.device),
         "date": datetime.date.today().isoformat(),
         "model": model,
-        "grid": {"history_len": list(cfg.history_lens), "candidates": list(cfg.candidates)},
+        "grid": grid,
         "method": {
             "warmup": b.warmup,
             "repeats": b.max_n,
@@ -673,7 +694,7 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
             "target_s_per_point": b.target_s,
             "timer": bench.clock.name,
             "notes": (
-                "One request (batch 1) per call; the device is synchronised after every call and "
+                "One request (batch 1) per call, except the rows with batch > 1; the device is synchronised after every call and "
                 "the time covers issue to completion, launch overhead included. Per grid point: "
                 f"{b.warmup} warm-up calls, then about {b.target_s:g} s of timed calls, at least "
                 f"{b.min_n} and at most {b.max_n} (n_samples says how many; quantiles from few "
@@ -688,7 +709,8 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
                 "L,head_dim] tensor from pinned host memory (on a CPU device: a plain memcpy). "
                 "emb_gather is F.embedding of M random ids; retrieval_score is corpus @ user then "
                 "torch.topk(K=candidates); prerank_mlp is the MLP in model.prerank_mlp over K "
-                "rows. " + (GRAPHS_NOTE if cfg.graphs else "Eager PyTorch, no CUDA graphs, no torch.compile.")),
+                "rows. " + (BATCH_NOTE.format(sizes=list(cfg.batch_sizes), cap=cfg.batch_max_tokens)
+                            if cfg.batch_sizes else "") + (GRAPHS_NOTE if cfg.graphs else "Eager PyTorch, no CUDA graphs, no torch.compile.")),
             "conditions": conds,
             "phases_per_condition": {"isolated": list(PHASES),
                                      **{c: list(LM_PHASES) for c in cfg.conditions if c != "isolated"}},
@@ -713,6 +735,9 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
 
 def summarize(table: pd.DataFrame, manifest: dict) -> str:
     lines = []
+    batched = table[table["batch"] > 1] if "batch" in table else table.iloc[:0]
+    if "batch" in table:
+        table = table[table["batch"] == 1]
     kvpt = manifest["model"]["kv_bytes_per_token"]
     key = ["phase", "condition", "history_len", "candidates"]
     med = table[table["quantile"] == 0.5].set_index(key)["time_ms"].sort_index()
@@ -751,6 +776,16 @@ def summarize(table: pd.DataFrame, manifest: dict) -> str:
                          f"   p99 x{r99.median():.2f}")
         iso99 = (p99.loc[phase, "isolated"] / med.loc[phase, "isolated"]).median()
         lines.append(f"  {phase:13s} {'isolated':14s} p99/p50 median x{iso99:.2f}")
+    if len(batched):
+        lines.append("\nbatched, isolated: p50 of a batch of B over B x the p50 of one request "
+                     "[min / median / max over (L, M)]")
+        bmed = batched[batched["quantile"] == 0.5]
+        for (phase, B), g in bmed.groupby(["phase", "batch"]):
+            one = med.loc[phase, "isolated"]
+            r = np.array([t / (B * one.loc[L, M]) for L, M, t in
+                          zip(g["history_len"], g["candidates"], g["time_ms"])])
+            lines.append(f"  {phase:13s} B={B:<3d} x{r.min():.2f} / x{np.median(r):.2f} / x{r.max():.2f}"
+                         f"  ({len(r)} shapes)")
     return "\n".join(lines)
 
 
@@ -803,6 +838,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--pressure-max-gib", type=float, default=None, help="default: none on cuda, 2 on cpu")
     t.add_argument("--busy-gemm", type=int, default=4096)
     t.add_argument("--no-kernels", action="store_true")
+    t.add_argument("--batch-sizes", type=_ints, default=[],
+                   help="also time rank_cached and full_forward on batches of these sizes (> 1)")
+    t.add_argument("--batch-max-tokens", type=int, default=32768,
+                   help="batched points only where batch x (L + s + M) is at most this")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--cuda-graphs", action="store_true",
@@ -851,7 +890,8 @@ def config_from_args(a: argparse.Namespace) -> Config:
         corpus_items=a.corpus or (1_000_000 if cuda else 100_000), retrieval_dim=a.retrieval_dim,
         prerank_hidden=a.prerank_hidden, gap_ms=a.gap_ms, pressure_frac=a.pressure_frac,
         pressure_cap_bytes=cap * 2**30, busy_gemm=a.busy_gemm, kernels=not a.no_kernels, seed=a.seed,
-        graphs=a.cuda_graphs)
+        graphs=a.cuda_graphs, batch_sizes=tuple(b for b in a.batch_sizes if b > 1),
+        batch_max_tokens=a.batch_max_tokens)
 
 
 def main(argv=None) -> int:
