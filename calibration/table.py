@@ -285,10 +285,69 @@ class PhaseCurve:
 
 
 @dataclass
+class BatchScale:
+    """How a padded batch of B same-shape requests of one phase scales its time (measured).
+
+    `factor(B, L, M)` is median(batch of B) / median(one request) at (L, M): 1 at B = 1,
+    interpolated linearly in B between measured sizes, and in log shape on each size's grid
+    (the bench measures a size only where B x (L + s + M) fits its token cap). Where a size's
+    grid does not reach (L, M), the factor of the largest measured size B' that does is scaled
+    by B / B' (the device is then saturated: time grows with the work).
+    """
+
+    sizes: list[int]                       # measured batch sizes > 1, ascending
+    ratios: dict[int, PhaseCurve]          # per size: log(median ratio) over its own grid
+
+    def _ratio(self, B: int, L: float, M: float) -> float | None:
+        c = self.ratios[B]
+        return c.median_ms(L, M) if c.contains(L, M) else None
+
+    def factor(self, B: int, L: float, M: float) -> float:
+        if B <= 1:
+            return 1.0
+        known = [(1, 1.0)] + [(b, r) for b in self.sizes if (r := self._ratio(b, L, M)) is not None]
+        for (b0, r0), (b1, r1) in zip(known, known[1:]):
+            if b0 <= B <= b1:
+                return r0 + (r1 - r0) * (B - b0) / (b1 - b0)
+        b, r = known[-1]
+        return r * B / b
+
+
+def build_batch_scales(batched: pd.DataFrame, curves: dict, path: Path) -> dict[str, BatchScale]:
+    """Per phase with rows of batch > 1 (isolated): the ratio of each batch's median to the
+    single-request median at the same shape, on the complete L rows of each size's grid."""
+    out: dict[str, BatchScale] = {}
+    med = batched[(batched["quantile"] == 0.5) & (batched["condition"] == "isolated")]
+    for phase, g in med.groupby("phase", sort=True):
+        one = curves.get((phase, "isolated"))
+        if one is None:
+            raise InputError(f"{phase}: batched rows without its single-request rows", str(path))
+        ratios = {}
+        for B, gb in g.groupby("batch", sort=True):
+            Ms = np.sort(gb["candidates"].unique())
+            rows = [L for L, gl in gb.groupby("history_len") if len(gl) == len(Ms)]
+            gb = gb[gb["history_len"].isin(rows)].sort_values(["history_len", "candidates"])
+            if not len(gb):
+                continue
+            t = gb["time_ms"].to_numpy(float)
+            if np.any(~(t > 0)):
+                raise InputError(f"{phase} batch {B}: time_ms must be > 0", str(path))
+            r = [math.log(v / one.median_ms(L, M))
+                 for L, M, v in zip(gb["history_len"], gb["candidates"], t)]
+            cube = np.array(r).reshape(len(rows), len(Ms), 1)
+            ratios[int(B)] = PhaseCurve(phase, f"batch{B}", np.array(rows, float),
+                                        Ms.astype(float), np.array([0.5]), cube)
+        if ratios:
+            out[phase] = BatchScale(sorted(ratios), ratios)
+    return out
+
+
+@dataclass
 class CostTable:
     manifest: Manifest
     path: Path
     curves: dict[tuple[str, str], PhaseCurve]
+    batch: dict[str, BatchScale] = field(default_factory=dict)
 
     @property
     def sha256(self) -> str:
@@ -343,7 +402,22 @@ def load_table(ref: str) -> CostTable:
     if digest != manifest.sha256:
         raise InputError(f"sha256 mismatch: manifest says {manifest.sha256[:12]}..., "
                          f"file is {digest[:12]}...", str(mpath), "sha256")
-    return CostTable(manifest, mpath, build_curves(read_frame(tpath, COLUMNS), tpath))
+    frame = read_frame(tpath, COLUMNS)
+    batched = frame.iloc[:0]
+    if "batch" in frame.columns:
+        frame["batch"] = numeric(frame, tpath, "batch", integer=True)
+        bad = np.flatnonzero((frame["batch"] < 1).to_numpy())
+        if len(bad):
+            raise row_error(tpath, int(bad[0]), f"batch must be >= 1 (got {frame['batch'].iloc[bad[0]]})")
+        batched = frame[frame["batch"] > 1].copy()
+        frame = frame[frame["batch"] == 1].reset_index(drop=True)
+    curves = build_curves(frame, tpath)
+    if len(batched):
+        for col in ("history_len", "candidates"):
+            batched[col] = numeric(batched, tpath, col, integer=True)
+        for col in ("quantile", "time_ms"):
+            batched[col] = numeric(batched, tpath, col)
+    return CostTable(manifest, mpath, curves, build_batch_scales(batched, curves, tpath))
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
