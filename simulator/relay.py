@@ -23,6 +23,7 @@ the partition controllers (partition.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,10 @@ class PreInferCounters:
     cancelled: int = 0     # dropped before running: their ranking already started there
     rejected: int = 0
     time_in_queue_ms: float = 0.0   # summed waiting + service of all pre-infer jobs (Little's law)
+    pre_ms: float = 0.0    # device time drawn for pre-infer jobs (before any slow-episode stretch)
+    rank_ms: float = 0.0   # device time drawn for rankings (likewise)
+    reload_declined: int = 0   # prefix in DRAM, but recomputing was cheaper (`reload: cheaper`)
+    fetch_declined: int = 0    # prefix on another instance, but recomputing was cheaper
 
 
 @dataclass
@@ -71,6 +76,10 @@ class Relay:
 
     def __post_init__(self):
         self._medians: dict[tuple, float] = {}
+        n = len(self.stage.nodes)
+        self._load = [0.0] * n        # per node: moving sum of admitted pre-infer ms
+        self._load_t = [0.0] * n      # ... as of this time
+        self._batch_scales = getattr(self.phases, "batch_scales", {})
         if self.route is None:
             pick = self.pick
             self.route = lambda user, L, M, now: pick(user)
@@ -95,7 +104,9 @@ class Relay:
             self.pre[rid] = NOT_TRIGGERED
             return
         nbytes = self.phases.prefix_bytes(L)
-        if not self.admissible(node, cache, nbytes) or cache.reserve(user, nbytes, env.now, pin) is None:
+        pred_ms = self.median("prefix_encode", L) + self._emb_expected(node, L)
+        if (not self.admissible(node, cache, nbytes, pred_ms, env.now)
+                or cache.reserve(user, nbytes, env.now, pin) is None):
             self.pre[rid] = REJECTED
             self.counters.rejected += 1
             return
@@ -103,8 +114,9 @@ class Relay:
             self.pinned_at[rid] = node.index
         self.pre[rid] = ADMITTED
         self.counters.admitted += 1
+        self._load[node.index] = self.pre_load_ms(node, env.now) + pred_ms
         job = Job(rid, user, L, 0, env.now, None, kind=PRE_JOB)
-        job.pred_ms = self.median("prefix_encode", L) + self._emb_expected(node, L)
+        job.pred_ms = pred_ms
         if self.cfg.queue == "fifo":
             node.submit(job)
         else:
@@ -123,13 +135,30 @@ class Relay:
         predicted = self.backlog(node, now) + self.median("full_forward", L, M)
         return predicted > self.budget_ms
 
-    def admissible(self, node: Node, cache: PrefixCache, nbytes: int) -> bool:
+    def admissible(self, node: Node, cache: PrefixCache, nbytes: int, pred_ms: float,
+                   now: float) -> bool:
+        """The sequence-aware trigger's bounds: pinned footprint and pre-infer load, both
+        counting this job (and, if set, the pending-job cap)."""
         trig = self.cfg.trigger
         if not isinstance(trig, sc.SequenceAwareTrigger):
             return True
-        pending = sum(1 for j in node.queue if j.kind == PRE_JOB) + len(node.pre_queue)
-        return (pending < trig.max_pending
-                and cache.pinned + nbytes <= trig.max_pinned_fraction * cache.capacity)
+        if cache.pinned + nbytes > trig.max_pinned_fraction * cache.capacity:
+            return False
+        if self.pre_load_ms(node, now) + pred_ms > trig.max_pre_load * trig.load_window_ms:
+            return False
+        if trig.max_pending is not None:
+            pending = sum(1 for j in node.queue if j.kind == PRE_JOB) + len(node.pre_queue)
+            return pending < trig.max_pending
+        return True
+
+    def pre_load_ms(self, node: Node, now: float) -> float:
+        """Admitted pre-infer work on the node as an exponentially decaying sum (time
+        constant load_window_ms): about the pre-infer device share x the window."""
+        i = node.index
+        window = getattr(self.cfg.trigger, "load_window_ms", 1000.0)
+        load = self._load[i] * math.exp(-(now - self._load_t[i]) / window) if self._load[i] else 0.0
+        self._load[i], self._load_t[i] = load, now
+        return load
 
     @staticmethod
     def backlog(node: Node, now: float) -> float:
@@ -168,17 +197,58 @@ class Relay:
         """Decide how the ranking runs, apply the cache operations, return its time (ms)."""
         L, M, rid = job.L, job.M, job.rid
         self._reference(node, rid, job.user, L, M)
-        t = self._rank_path(job, node, now)
-        if self.hbm is not None:
-            outcome = self.prefix[rid]
-            if outcome != HIT:
-                self.hbm.pools[node.index].interval.kv_miss_ms += max(
-                    t - self.median("rank_cached", L, M), 0.0)
-            n = self._ids(L, M) if outcome in (MISS, PENDING) else self._short(M)
-            t += self.hbm.lookup(node.index, n, now, rid)
+        phase, extra = self._rank_path(job, node, now)
+        t = extra + self.phases.phase(phase, L, M)
+        self.counters.rank_ms += t
+        return t + self._lookup(job, node, now, t)
+
+    def rank_batch_cost(self, jobs: list[Job], node: Node, now: float) -> float:
+        """A batch of rankings (see scenario.Batching): paths decided job by job in queue
+        order, then one padded call per compute phase at the group's largest shape."""
+        groups: dict[str, list[Job]] = {}
+        extras = []
+        for job in jobs:
+            self._reference(node, job.rid, job.user, job.L, job.M)
+            phase, extra = self._rank_path(job, node, now)
+            groups.setdefault(phase, []).append(job)
+            extras.append(extra)
+        t = sum(extras)
+        share = {}
+        for phase, g in groups.items():        # rank_cached before full_forward: dict order
+            L, M = max(j.L for j in g), max(j.M for j in g)
+            tg = self.batch_ms(phase, L, M, len(g))
+            t += tg
+            for j in g:
+                share[j.rid] = tg / len(g)
+        self.counters.rank_ms += t
+        for job, extra in zip(jobs, extras):
+            t += self._lookup(job, node, now, extra + share[job.rid])
         return t
 
-    def _rank_path(self, job: Job, node: Node, now: float) -> float:
+    def batch_ms(self, phase: str, L: int, M: int, n: int) -> float:
+        """A padded call of n requests at (L, M): a draw times the measured batch factor, or
+        1 + marginal_cost x (n - 1) without batched rows in the table."""
+        t = self.phases.phase(phase, L, M)
+        if n == 1:
+            return t
+        scale = self._batch_scales.get(phase)
+        return t * (scale.factor(n, L, M) if scale is not None else 1 + self.stage.marginal_cost * (n - 1))
+
+    def _lookup(self, job: Job, node: Node, now: float, t: float) -> float:
+        """Under an HBM pool: the embedding lookup a ranking adds (and its KV-miss time for
+        the controllers); t is the ranking's own time."""
+        if self.hbm is None:
+            return 0.0
+        L, M, rid = job.L, job.M, job.rid
+        outcome = self.prefix[rid]
+        if outcome != HIT:
+            self.hbm.pools[node.index].interval.kv_miss_ms += max(t - self.median("rank_cached", L, M), 0.0)
+        n = self._ids(L, M) if outcome in (MISS, PENDING) else self._short(M)
+        return self.hbm.lookup(node.index, n, now, rid)
+
+    def _rank_path(self, job: Job, node: Node, now: float) -> tuple[str, float]:
+        """Apply the cache operations of one ranking; return its compute phase and the
+        time (ms) it needs before it (a DRAM reload, a remote fetch)."""
         L, M, user, rid = job.L, job.M, job.user, job.rid
         cache = self.caches[node.index]
         self._release_pin(rid, user)
@@ -190,7 +260,7 @@ class Relay:
                     self._keep(cache, user, L, now)
             self.prefix[rid] = PENDING
             cache.counters.misses += 1
-            return self.phases.phase("full_forward", L, M)
+            return "full_forward", 0.0
         hit = cache.lookup(user, now)
         if hit is not None:
             cache.counters.hits += 1
@@ -198,26 +268,31 @@ class Relay:
             if hit.by_pre and hit.hits == 0:
                 self.counters.used += 1
             hit.hits += 1
-            return self.phases.phase("rank_cached", L, M)
+            return "rank_cached", 0.0
         cache.counters.misses += 1
         expander = cache.expander
-        if expander is not None and user in expander.entries and self._reload_pays(L, M):
-            nbytes = expander.take(user)
-            if cache.reserve(user, nbytes, now, pin=False) is not None:
-                cache.fill(user, now)
-            self.prefix[rid] = DRAM
-            return self.phases.phase("prefix_reload", L) + self.phases.phase("rank_cached", L, M)
+        if expander is not None and user in expander.entries:
+            if self._reload_pays(L, M):
+                nbytes = expander.take(user)
+                if cache.reserve(user, nbytes, now, pin=False) is not None:
+                    cache.fill(user, now)
+                self.prefix[rid] = DRAM
+                return "rank_cached", self.phases.phase("prefix_reload", L)
+            self.counters.reload_declined += 1
         if self.cfg.remote == "fetch":
             for other in self.caches:
                 e = other.entries.get(user)
                 if other is not cache and e is not None and e.ready:
-                    self.prefix[rid] = REMOTE
                     fetch_ms = e.nbytes / (self.cfg.remote_gbps * 1e9) * 1e3
-                    return fetch_ms + self.phases.phase("rank_cached", L, M)
+                    if fetch_ms + self.median("rank_cached", L, M) < self.median("full_forward", L, M):
+                        self.prefix[rid] = REMOTE
+                        return "rank_cached", fetch_ms
+                    self.counters.fetch_declined += 1
+                    break
         self.prefix[rid] = MISS
         if self.cfg.cache.keep_full:
             self._keep(cache, user, L, now)
-        return self.phases.phase("full_forward", L, M)
+        return "full_forward", 0.0
 
     def _keep(self, cache: PrefixCache, user: int, L: int, now: float) -> None:
         """Keep the history KV a full forward pass computes (the device runs one job at a
@@ -294,11 +369,14 @@ class Relay:
                 self.cfg.expander.reload == "always"
                 or self.median("prefix_reload", L) < self.median("prefix_encode", L)):
             expander.take(job.user)
-            return self.phases.phase("prefix_reload", L)
+            t = self.phases.phase("prefix_reload", L)
+            self.counters.pre_ms += t
+            return t
         t = self.phases.phase("prefix_encode", L)
         if self.hbm is not None:
             t += self.hbm.lookup(node.index, L, now)
             self.hbm.pools[node.index].interval.kv_miss_ms += t
+        self.counters.pre_ms += t
         return t
 
     def pre_done(self, job: Job, node: Node, now: float) -> None:
@@ -309,16 +387,32 @@ class Relay:
             entry.by_pre = True
 
 
+def _leading_ranks(queue, limit: int) -> int:
+    """How many ranking jobs stand at the head of the queue (up to limit)."""
+    n = 0
+    for job in queue:
+        if job.kind == PRE_JOB or n == limit:
+            break
+        n += 1
+    return n
+
+
 def relay_worker(env: simpy.Environment, relay: Relay, node: Node):
-    """One job at a time; pre-infer and ranking jobs share the device."""
+    """Pre-infer and ranking jobs share the device: a pre-infer job runs alone, rankings
+    one at a time or (batch.max_size > 1) as the run of rankings at the queue's head."""
     order = relay.cfg.queue
     bind = getattr(relay.phases, "bind", None)     # a cost model that depends on the node's state
+    max_batch, max_wait = relay.stage.max_batch, relay.stage.max_wait_ms
     while True:
         while not node.queue and not node.pre_queue:
             node.wakeup = env.event()
             yield node.wakeup
         if order == "pre_first" and node.pre_queue or order == "rank_first" and not node.queue:
             job = node.pre_queue.popleft()
+        elif max_batch > 1 and node.queue[0].kind != PRE_JOB:
+            yield from _hold_open(env, node, max_batch, max_wait)
+            yield from _serve_batch(env, relay, node, max_batch, bind)
+            continue
         else:
             job = node.queue.popleft()
         node.backlog_ms -= job.pred_ms
@@ -336,6 +430,33 @@ def relay_worker(env: simpy.Environment, relay: Relay, node: Node):
             job.node, job.start_ms, job.service_ms, job.batch = node.index, start, t, 1
             relay.ranked(job, node, env.now)
             job.done.succeed()
+
+
+def _hold_open(env: simpy.Environment, node: Node, max_batch: int, max_wait: float):
+    """Wait (at most max_wait after the head job arrived) for a full batch of rankings."""
+    if max_wait <= 0:
+        return
+    deadline = node.queue[0].enqueued_ms + max_wait
+    while _leading_ranks(node.queue, max_batch) < max_batch and env.now < deadline:
+        node.wakeup = env.event()
+        yield node.wakeup | env.timeout(deadline - env.now)
+        node.wakeup = None
+
+
+def _serve_batch(env: simpy.Environment, relay: Relay, node: Node, max_batch: int, bind):
+    batch = [node.queue.popleft() for _ in range(_leading_ranks(node.queue, max_batch))]
+    for job in batch:
+        node.backlog_ms -= job.pred_ms
+    if bind is not None:
+        bind(node, env.now)
+    start = env.now
+    n = len(batch)
+    cost = relay.rank_cost(batch[0], node, start) if n == 1 else relay.rank_batch_cost(batch, node, start)
+    t = yield from serve(env, node, n, cost)
+    for job in batch:
+        job.node, job.start_ms, job.service_ms, job.batch = node.index, start, t, n
+        relay.ranked(job, node, env.now)
+        job.done.succeed()
 
 
 def build_relay(scenario: sc.Scenario, stage: Stage, n_requests: int,

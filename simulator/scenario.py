@@ -308,7 +308,15 @@ class Affinity(Strict):
 
 
 class Batching(Strict):
-    """A batch of n jobs costs the first job's time plus marginal_cost x each other's."""
+    """A batch of n jobs costs the first job's time plus marginal_cost x each other's.
+
+    On a relay stage a batch is the run of ranking jobs at the head of an instance's queue
+    (a pre-infer job runs alone). Each job's path is decided as for a single ranking; the
+    cached ones (HBM hits, DRAM reloads, remote fetches) run as one padded `rank_cached`
+    call and the others as one padded `full_forward` call, each costing a draw at the
+    group's largest (L, M) times the cost table's measured batch factor (FORMAT.md), or
+    1 + marginal_cost x (n - 1) where the table has no batched rows. Reloads, fetches and
+    embedding lookups add per job."""
 
     max_size: Annotated[PosInt, Field(le=100_000)] = 1
     max_wait_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS)] = 0.0
@@ -364,13 +372,24 @@ class LengthTrigger(Strict):
 
 
 class SequenceAwareTrigger(Strict):
-    """Pre-infer only requests whose predicted full ranking (queue ahead included) would
-    overrun the budget; bounded by pending pre-infer jobs and pinned cache bytes."""
+    """RelayGR's trigger: pre-infer exactly the at-risk requests, those whose predicted
+    ranking latency on their instance (the work queued ahead plus their own full ranking,
+    medians) exceeds the budget. Admission is bounded by the pinned cache footprint and by
+    the pre-infer load: the share of the instance's device time that admitted pre-infer
+    work takes, as a moving sum of predicted pre-infer times over `load_window_ms`."""
 
     kind: Literal["sequence_aware"]
     budget_ms: Ms | None = Field(None, description="default: the stage's SLO budget")
-    max_pending: Annotated[PosInt, Field(le=10**6)] = 4
-    max_pinned_fraction: Annotated[Real, Field(gt=0, le=1)] = 0.8
+    max_pinned_fraction: Annotated[Real, Field(gt=0, le=1)] = Field(
+        0.8, description="admit only while pinned prefixes (this one included) fit this share "
+                         "of the instance's prefix cache")
+    max_pre_load: Annotated[Real, Field(gt=0, le=1)] = Field(
+        0.5, description="admit only while pre-infer work (this one included) stays under this "
+                         "share of the instance's device time")
+    load_window_ms: Annotated[PosFloat, Field(le=MAX_TIME_MS)] = Field(
+        1000.0, description="time constant of the pre-infer load's moving sum")
+    max_pending: Annotated[PosInt, Field(le=10**6)] | None = Field(
+        None, description="optional cap on pre-infer jobs waiting on the instance")
 
 
 Trigger = Annotated[Union[NoTrigger, AllTrigger, LengthTrigger, SequenceAwareTrigger],
@@ -410,7 +429,9 @@ class Relay(Strict):
     cache: PrefixCacheConfig
     expander: Expander = Expander()
     remote: Literal["recompute", "fetch"] = Field(
-        "recompute", description="a prefix held by another instance: recompute, or fetch it")
+        "recompute", description="a prefix held by another instance: recompute, or fetch it "
+                                 "when the transfer plus a cached ranking is cheaper than "
+                                 "recomputing (medians; the declined fetches are counted)")
     remote_gbps: PosFloat = 12.5
 
 
@@ -649,9 +670,6 @@ class Scenario(Strict):
         if stage.service.kind not in ("gr", "roofline"):
             raise ValueError(f"relay.stage: stage {relay.stage!r} needs service kind 'gr' or "
                              f"'roofline' (phase costs)")
-        if stage.batch.max_size != 1:
-            raise ValueError(f"stages.{relay.stage}.batch.max_size: must be 1 with relay "
-                             f"(batched relay ranking is not modelled yet)")
         if stage.router in ("shared", "delay"):
             raise ValueError(f"stages.{relay.stage}.router: a relay stage needs per-instance queues")
         before = names[:names.index(relay.stage)]

@@ -108,6 +108,7 @@ class GRPhases:
         self.extrapolate, self.where = extrapolate, where
         self._u = Draws(rng, lambda r, n: r.uniform(0, 1, n))
         self._memos = {p: c.new_memo() for p, c in self.curves.items()}     # this replication's
+        self.batch_scales = table.batch          # measured batch factors per phase (may be empty)
         self.kv_bytes_per_token = kv_bytes_per_token or table.manifest.model.get("kv_bytes_per_token")
         if relay and not self.kv_bytes_per_token:
             raise InputError("the table's model has no kv_bytes_per_token; set it on the service",

@@ -242,7 +242,7 @@ class InServing:
         self._median = (base.median if hasattr(base, "median")
                         else lambda name, L, M=0: base.curve.median_ms(L, M))
         self._q = profile.quantiles
-        for attr in ("curves", "kv_bytes_per_token", "curve"):
+        for attr in ("curves", "kv_bytes_per_token", "curve", "batch_scales"):
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
 

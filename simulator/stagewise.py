@@ -63,9 +63,12 @@ class Tie(Exception):
 
 
 def unsupported(scenario: sc.Scenario) -> str | None:
-    """Why the fast engine cannot run this scenario, before it starts (None: it can). Every
-    scenario the schema allows is a feed-forward cascade, so none is refused up front; a
-    future feedback (a later stage acting on an earlier one) would be, here."""
+    """Why the fast engine cannot run this scenario, before it starts (None: it can): a
+    relay stage that batches its rankings (relay.relay_worker's batches are not mirrored
+    here)."""
+    relay = scenario.relay
+    if relay is not None and scenario.stages[relay.stage].batch.max_size > 1:
+        return f"stages.{relay.stage}.batch: batched relay ranking runs on SimPy"
     return None
 
 

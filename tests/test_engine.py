@@ -44,7 +44,7 @@ def assert_same(scenario, a, b):
 
 # ------------------------------------------------------------------ shipped scenarios
 SHORT = {"default": ["run.duration_s=3"], "mmc": ["run.requests=4000"],
-         "relay": ["run.duration_s=3"], "helm": ["run.duration_s=4", "run.warmup_s=1"],
+         "relay": ["run.duration_s=3"], "relay_h100_small": ["run.duration_s=3"], "helm": ["run.duration_s=4", "run.warmup_s=1"],
          "helm_switch": ["run.duration_s=4", "run.warmup_s=1"]}
 
 
@@ -194,7 +194,7 @@ RELAY_OVERRIDES = st.fixed_dictionaries({
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-@given(st.sampled_from(["relay", "helm"]), RELAY_OVERRIDES,
+@given(st.sampled_from(["relay_h100_small", "helm"]), RELAY_OVERRIDES,
        st.sampled_from(["affinity", "affinity_fallback", "least_loaded", "round_robin", "random",
                         "power_of_two", "hbm_aware"]),
        st.sampled_from([{"kind": "static", "emb_fraction": 0.4}, {"kind": "marginal", "interval_ms": 150.0},
