@@ -50,6 +50,7 @@ class PreInferCounters:
     admitted: int = 0
     used: int = 0          # admitted jobs whose prefix served at least one ranking hit
     cancelled: int = 0     # dropped before running: their ranking already started there
+    ran: int = 0           # admitted jobs that ran (encode or DRAM reload)
     rejected: int = 0
     time_in_queue_ms: float = 0.0   # summed waiting + service of all pre-infer jobs (Little's law)
     pre_ms: float = 0.0    # device time drawn for pre-infer jobs (before any slow-episode stretch)
@@ -371,12 +372,14 @@ class Relay:
             expander.take(job.user)
             t = self.phases.phase("prefix_reload", L)
             self.counters.pre_ms += t
+            self.counters.ran += 1
             return t
         t = self.phases.phase("prefix_encode", L)
         if self.hbm is not None:
             t += self.hbm.lookup(node.index, L, now)
             self.hbm.pools[node.index].interval.kv_miss_ms += t
         self.counters.pre_ms += t
+        self.counters.ran += 1
         return t
 
     def pre_done(self, job: Job, node: Node, now: float) -> None:

@@ -7,8 +7,8 @@ arrival; rates and utilisation are per that window.
 
 from __future__ import annotations
 
+import hashlib
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +16,37 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import scenario as sc
+from . import __version__ as VERSION
+from . import version_info
 from .cascade import Replication, warmup_cut_ms
-from .folders import atomic_folder
+from .folders import atomic_folder, safe_name
 from .relay import (ADMITTED, DRAM, HIT, PRE_OUTCOMES, PREFIX_OUTCOMES, REJECTED, REMOTE)
 from .stats import CI_LEVEL, CI_METHOD, describe, interval
 
-try:
-    VERSION = version("simrec")
-except PackageNotFoundError:  # running from a source tree
-    VERSION = "0+unknown"
+
+def scenario_sha256(scenario: sc.Scenario) -> str:
+    """The run's identity: sha256 of the effective scenario (after overrides, paths made
+    absolute) as canonical JSON, with its seed; equal exactly when the runs are."""
+    data = {"scenario": scenario.model_dump(mode="json"), "seed": scenario.run.seed}
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_id(scenario: sc.Scenario) -> str:
+    """`<name>-<8 hex>`: the default results folder, one per scenario, overrides and seed,
+    so a `--set` variant never replaces another's results."""
+    return f"{safe_name(scenario.name)}-{scenario_sha256(scenario)[:8]}"
+
+
+def record_invocation(results: "Results", command: list[str] | None, overrides: list[str] | None,
+                      source: str | None = None) -> None:
+    """Add how the run was asked for (known to the CLI, not to `simulate`): the command's
+    argv, the `--set` overrides in order and the scenario file, into summary.json."""
+    s = results.summary
+    s["effective_scenario"] = {**s.get("effective_scenario", {}), "file": source}
+    head = {k: s[k] for k in ("simrec_version", "version") if k in s}
+    results.summary = {**head, "command": command, "overrides": overrides,
+                       **{k: v for k, v in s.items() if k not in head}}
 
 
 def warmup_ms(scenario: sc.Scenario, rep: Replication) -> float:
@@ -84,7 +106,10 @@ def relay_metrics(rep: Replication, measured: np.ndarray) -> dict:
         "remote_fetch_rate": float((outcome == REMOTE).sum() / n),
         "triggered_fraction": float(np.isin(relay.pre[measured], (ADMITTED, REJECTED)).sum() / n),
         "pre_infer": {"admitted": c.admitted, "used": c.used, "wasted": c.admitted - c.used,
-                      "cancelled": c.cancelled, "rejected": c.rejected},
+                      "cancelled": c.cancelled, "rejected": c.rejected, "ran": c.ran},
+        "device_ms": {"pre_infer": c.pre_ms, "ranking": c.rank_ms,
+                      "pre_infer_share": c.pre_ms / (c.pre_ms + c.rank_ms) if c.pre_ms + c.rank_ms else 0.0},
+        "declined": {"dram_reload": c.reload_declined, "remote_fetch": c.fetch_declined},
         "hbm": {"evictions": sum(x.counters.evictions for x in caches),
                 "expired": sum(x.counters.expired for x in caches)},
         "dram": {"hits": sum(x.expander.hits for x in caches if x.expander),
@@ -259,8 +284,14 @@ def summarise(scenario: sc.Scenario, reps: list[Replication],
     if engine["requested"] == "fast" and "simpy" in engine["used"]:
         warnings.append(f"run.engine fast: SimPy ran instead ({'; '.join(engine['notes'])})")
     tables = cost_tables(scenario.model_dump(mode="json"))
+    digest = scenario_sha256(scenario)
     summary = {
         "simrec_version": VERSION,
+        "version": version_info(),
+        # The effective scenario itself is `scenario`; this is its identity (the CLI's
+        # record_invocation adds the command, the overrides and the scenario file).
+        "effective_scenario": {"sha256": digest,
+                               "run_id": f"{safe_name(scenario.name)}-{digest[:8]}"},
         "scenario": scenario.model_dump(mode="json"),
         "seed": scenario.run.seed,
         "replications": len(reps),
