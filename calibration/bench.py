@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import arch_models
+from .arch_models import ArchSpec, build_arch_model
 from .gr_models import GRModel, GRSpec, Phases, build_model, self_check, suffix_mask
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
@@ -51,6 +53,13 @@ M_PHASES = ("emb_gather", "retrieval_score", "prerank_mlp")   # shape (0, M)
 PHASES = ("prefix_encode", "rank_cached", "full_forward", "prefix_reload",
           "emb_gather", "retrieval_score", "prerank_mlp")
 CONDITIONS = ("isolated", "idle_gap", "busy", "cache_pressure")
+
+ARCH_NOTE = ("Architecture {arch} (calibration/arch_models.py): the phases of its REGISTRY entry, "
+             "each measured over the grid of the dims it takes (L -> history_len, M -> candidates, "
+             "k fixed by model.summary_tokens; a dim a phase does not take is 0 in its rows), "
+             "every phase under every condition. Inputs of a phase that takes cached user-side "
+             "state (K/V, a summary) are built once per input set by the producing phase. No "
+             "batched rows, no cache_pressure, no kernels for these archs. ")
 
 GRAPHS_NOTE = ("The GR phases (prefix_encode, rank_cached, full_forward) run as one CUDA graph per "
                "shape (gr_models.Phases): each call copies its inputs into the graph's static "
@@ -299,7 +308,7 @@ def _mem_available() -> int:
 @dataclass
 class Config:
     device: torch.device
-    spec: GRSpec
+    spec: GRSpec | ArchSpec
     history_lens: list[int]
     candidates: list[int]
     conditions: list[str]
@@ -331,13 +340,20 @@ class Bench:
         self.dtype = cfg.spec.torch_dtype
         self.rng = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.model: GRModel = build_model(cfg.spec, self.dev, cfg.seed)
-        self.phases = Phases(self.model, cfg.graphs)
         self.clock = Clock(self.dev)
         self.rows: list[tuple] = []
         self.kernel_rows: list[tuple] = []
         self.pool: PressurePool | None = None
         self.info: dict = {}
+        # The target-attention archs (arch_models): their phases come from the registry.
+        self.registry = arch_models.REGISTRY.get(cfg.spec.arch)
+        if self.registry is not None:
+            self.model = build_arch_model(cfg.spec, self.dev, cfg.seed)
+            self.phases = None
+            self.prerank_dims = None
+            return
+        self.model: GRModel = build_model(cfg.spec, self.dev, cfg.seed)
+        self.phases = Phases(self.model, cfg.graphs)
         d = cfg.emb_dim
         self.emb_table = torch.randn(cfg.emb_rows, d, device=self.dev, dtype=self.dtype)
         self.corpus = torch.randn(cfg.corpus_items, cfg.retrieval_dim, device=self.dev, dtype=self.dtype)
@@ -364,8 +380,23 @@ class Bench:
             torch.cuda.synchronize(self.dev)
 
     # -- phase setups: the cells of one phase under one condition, sharing per-L / per-M inputs
+    def arch_cells(self, phase: str) -> list[Cell]:
+        """The cells of a registry phase: its callable and input sets at each grid point."""
+        pd_ = self.registry[phase]
+        fn = partial(pd_.run, self.model)
+        out = []
+        for L, M in self.shapes(phase):
+            first = pd_.inputs(self.model, L, M, self.tokens)
+            size = sum(x.numel() * x.element_size() for x in first if isinstance(x, torch.Tensor))
+            inputs = [first] + [pd_.inputs(self.model, L, M, self.tokens)
+                                for _ in range(self.n_sets(size) - 1)]
+            out.append(Cell(L, M, fn, inputs))
+        return out
+
     def cells(self, phase: str, condition: str, B: int = 1) -> list[Cell]:
         """B > 1: a padded batch of B requests of the same shape in one call (LM phases only)."""
+        if self.registry is not None:
+            return self.arch_cells(phase)
         sp, m, ph = self.spec, self.model, self.phases
         s, d, esize = sp.short_term_tokens, sp.d_model, self.dtype.itemsize
         per_L: dict[int, list] = {}
@@ -430,6 +461,9 @@ class Bench:
     def shapes(self, phase: str, B: int = 1) -> list[tuple[int, int]]:
         """The grid of a phase; a batch of B only where B x (L + s + M) <= batch_max_tokens."""
         Ls, Ms = self.cfg.history_lens, self.cfg.candidates
+        if self.registry is not None:
+            dims = self.registry[phase].dims
+            return [(L, M) for L in (Ls if "L" in dims else [0]) for M in (Ms if "M" in dims else [0])]
         if phase in L_PHASES:
             return [(L, 0) for L in Ls]
         if phase in M_PHASES:
@@ -468,15 +502,21 @@ class Bench:
     def preflight(self):
         """Run the largest shapes once, so a grid that does not fit fails at the start."""
         sp, Lmax, Mmax = self.spec, max(self.cfg.history_lens), max(self.cfg.candidates)
-        s = sp.short_term_tokens
         t0 = time.monotonic()
         try:
             with torch.inference_mode():
-                kv = self.model.encode_prefix(self.tokens(Lmax))
-                self.model.rank_cached(kv, self.tokens(s), self.tokens(Mmax))
-                del kv
-                self.model.full_forward(self.tokens(Lmax), self.tokens(s), self.tokens(Mmax))
-                self.sync()
+                if self.registry is not None:
+                    for pd_ in self.registry.values():
+                        L, M = pd_.shape(Lmax, Mmax)
+                        pd_.run(self.model, *pd_.inputs(self.model, L, M, self.tokens))
+                        self.sync()
+                else:
+                    s = sp.short_term_tokens
+                    kv = self.model.encode_prefix(self.tokens(Lmax))
+                    self.model.rank_cached(kv, self.tokens(s), self.tokens(Mmax))
+                    del kv
+                    self.model.full_forward(self.tokens(Lmax), self.tokens(s), self.tokens(Mmax))
+                    self.sync()
         except torch.OutOfMemoryError as e:
             raise RuntimeError(f"largest shape L={Lmax} M={Mmax} does not fit on {self.dev}: "
                                "choose a smaller grid") from e
@@ -485,8 +525,40 @@ class Bench:
               + (f", peak allocated {peak / 2**30:.2f} GiB" if peak else ""), flush=True)
         self.info["preflight_peak_gib"] = None if peak is None else round(peak / 2**30, 3)
 
+    def run_arch(self):
+        """A registry arch: self-check, preflight, then every phase under every condition."""
+        cfg = self.cfg
+        check = arch_models.self_check(self.model, self.dev)
+        tol = 1e-4 if self.dtype == torch.float32 else 5e-2
+        print(f"arch self-check (relative error vs full_forward): {check} (tolerance {tol})", flush=True)
+        if max(check.values()) > tol:
+            raise RuntimeError(f"arch self-check failed: {check}")
+        self.info["self_check"] = check
+        self.info["host_probe_start"] = host_probe()
+        print(f"host probe (pure-Python loop): {self.info['host_probe_start']}", flush=True)
+        self.preflight()
+        with torch.inference_mode():
+            for phase in self.registry:
+                self.run_phase(phase, "isolated")
+            if "idle_gap" in cfg.conditions:
+                hook = IdleGap(*cfg.gap_ms, self.rng)
+                for phase in self.registry:
+                    self.run_phase(phase, "idle_gap", hook)
+            if "busy" in cfg.conditions:
+                bg = BusyStream(self.dev, self.dtype, cfg.busy_gemm)
+                self.info["busy"] = {"gemm": cfg.busy_gemm, "chunk_ms": round(bg.chunk_ms, 3),
+                                     "tflops_alone": round(bg.tflops, 1)}
+                for phase in self.registry:
+                    self.run_phase(phase, "busy", bg)
+                bg.stop()
+                del bg
+        self.info["host_probe_end"] = host_probe()
+        print(f"host probe (pure-Python loop): {self.info['host_probe_end']}", flush=True)
+
     def run(self):
         cfg = self.cfg
+        if self.registry is not None:
+            return self.run_arch()
         check = self_check(self.model, self.dev)
         tol = 1e-4 if self.dtype == torch.float32 else 5e-2
         print(f"model self-check: {check} (tolerance {tol})", flush=True)
@@ -670,9 +742,13 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
     conds = {c: CONDITION_NOTES[c].format(gap=gap, size=cfg.busy_gemm, frac=cfg.pressure_frac, cap=cap)
              for c in ["isolated", *cfg.conditions] if c in CONDITION_NOTES}
     conds = {c: conds[c] for c in CONDITIONS if c in conds}
-    model = {**cfg.spec.to_dict(), "emb_rows": cfg.emb_rows, "emb_dim": cfg.emb_dim,
-             "corpus_items": cfg.corpus_items, "retrieval_dim": cfg.retrieval_dim,
-             "prerank_mlp": bench.prerank_dims, "batch": 1, "cuda_graphs": cfg.graphs}
+    if bench.registry is not None:
+        model = {**cfg.spec.to_dict(), "batch": 1, "cuda_graphs": False,
+                 "phases": {n: {"dims": list(p.dims), "what": p.what} for n, p in bench.registry.items()}}
+    else:
+        model = {**cfg.spec.to_dict(), "emb_rows": cfg.emb_rows, "emb_dim": cfg.emb_dim,
+                 "corpus_items": cfg.corpus_items, "retrieval_dim": cfg.retrieval_dim,
+                 "prerank_mlp": bench.prerank_dims, "batch": 1, "cuda_graphs": cfg.graphs}
     grid = {"history_len": list(cfg.history_lens), "candidates": list(cfg.candidates)}
     if cfg.batch_sizes:
         grid["batch"] = [1, *cfg.batch_sizes]
@@ -703,17 +779,22 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
                 "caches don't flatter. Within a phase and condition every grid point is warmed up, "
                 "then the timed calls of all its grid points run interleaved in one random order "
                 "(so slow periods of the host spread over all points, and consecutive calls differ "
-                "in shape as consecutive requests do). Inputs are random token embeddings (no embedding lookup inside the "
+                "in shape as consecutive requests do). " + (
+                    ARCH_NOTE.format(arch=cfg.spec.arch) + "Inputs are random token embeddings. "
+                    "Eager PyTorch, no CUDA graphs, no torch.compile." if bench.registry is not None else
+                "Inputs are random token embeddings (no embedding lookup inside the "
                 "ranking phases). rank_cached appends the suffix K/V to the cached K/V with "
                 "torch.cat in every layer. prefix_reload copies one contiguous [layers,2,1,heads,"
                 "L,head_dim] tensor from pinned host memory (on a CPU device: a plain memcpy). "
                 "emb_gather is F.embedding of M random ids; retrieval_score is corpus @ user then "
                 "torch.topk(K=candidates); prerank_mlp is the MLP in model.prerank_mlp over K "
                 "rows. " + (BATCH_NOTE.format(sizes=list(cfg.batch_sizes), cap=cfg.batch_max_tokens)
-                            if cfg.batch_sizes else "") + (GRAPHS_NOTE if cfg.graphs else "Eager PyTorch, no CUDA graphs, no torch.compile.")),
+                            if cfg.batch_sizes else "") + (GRAPHS_NOTE if cfg.graphs else "Eager PyTorch, no CUDA graphs, no torch.compile."))),
             "conditions": conds,
-            "phases_per_condition": {"isolated": list(PHASES),
-                                     **{c: list(LM_PHASES) for c in cfg.conditions if c != "isolated"}},
+            "phases_per_condition": (
+                {c: list(bench.registry) for c in ["isolated", *cfg.conditions]}
+                if bench.registry is not None else
+                {"isolated": list(PHASES), **{c: list(LM_PHASES) for c in cfg.conditions if c != "isolated"}}),
             "quantiles": list(QUANTILES),
             "quantile_method": "numpy.quantile, linear interpolation",
             "kernels_file": kpath.name,
@@ -733,7 +814,26 @@ def write_outputs(bench: Bench, out: Path, name: str, started: float) -> dict:
 
 # ----------------------------------------------------------------------------- summary
 
+def summarize_arch(table: pd.DataFrame, manifest: dict) -> str:
+    """The summary of a registry arch's table: per phase (registry order) and condition, p50 ms."""
+    m = manifest["model"]
+    lines = [f"# {manifest['name']}: {manifest['device']['name']}, {m['arch']} "
+             f"{m['layers']}x{m['d_model']} {m['dtype']}"]
+    key = ["phase", "condition", "history_len", "candidates"]
+    med = table[table["quantile"] == 0.5].set_index(key)["time_ms"].sort_index()
+    have = set(med.index.droplevel([2, 3]))
+    declared = list(m.get("phases", {}))
+    order = declared + sorted({p for p, _ in have} - set(declared))
+    for phase, cond in ((p, c) for p in order for c in CONDITIONS if (p, c) in have):
+        piv = med.loc[phase, cond].unstack("candidates")
+        lines.append(f"\n{phase} {cond} p50 ms (rows L, columns M; 0 = not a dim of the phase)")
+        lines.append(piv.to_string(float_format=lambda v: f"{v:9.3f}"))
+    return "\n".join(lines)
+
+
 def summarize(table: pd.DataFrame, manifest: dict) -> str:
+    if manifest["model"].get("arch") in arch_models.ARCHS:
+        return summarize_arch(table, manifest)
     lines = []
     batched = table[table["batch"] > 1] if "batch" in table else table.iloc[:0]
     if "batch" in table:
@@ -806,13 +906,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--summary", type=Path, metavar="DIR", help="print the summary of an existing table and exit")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     m = p.add_argument_group("model")
-    m.add_argument("--arch", default="transformer", choices=("transformer", "hstu"))
+    m.add_argument("--arch", default="transformer", choices=("transformer", "hstu", *arch_models.ARCHS))
     m.add_argument("--layers", type=int, default=8)
     m.add_argument("--d-model", type=int, default=512)
     m.add_argument("--heads", type=int, default=8)
     m.add_argument("--ffn", type=int, default=2048)
     m.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    m.add_argument("--short-term", type=int, default=32)
+    m.add_argument("--short-term", type=int, default=32, help="transformer/hstu only")
+    m.add_argument("--summary-tokens", type=int, default=128, help="vista: summary tokens k")
+    m.add_argument("--segment-len", type=int, default=128, help="laser: history tokens per segment")
+    m.add_argument("--chunk-tokens", type=int, default=1 << 19,
+                   help="stca without RLB: history tokens (M copies) encoded per chunk")
     g = p.add_argument_group("grid")
     g.add_argument("--history-lens", type=_ints, default=_ints("256,512,1024,2048,4096,8192,16384"))
     g.add_argument("--candidates", type=_ints, default=_ints("32,64,128,256,512,1024"))
@@ -870,13 +974,27 @@ def config_from_args(a: argparse.Namespace) -> Config:
     cuda = device.type == "cuda"
     if a.cuda_graphs and not cuda:
         raise SystemExit("--cuda-graphs needs --device cuda")
-    spec = GRSpec(arch=a.arch, layers=a.layers, d_model=a.d_model, heads=a.heads, ffn=a.ffn,
-                  dtype=a.dtype or ("bfloat16" if cuda else "float32"), short_term_tokens=a.short_term)
+    dtype = a.dtype or ("bfloat16" if cuda else "float32")
     conds = [c.strip() for c in a.conditions.split(",") if c.strip()]
     unknown = set(conds) - set(CONDITIONS)
     if unknown:
         raise SystemExit(f"unknown condition(s): {sorted(unknown)} (known: {CONDITIONS})")
     conds = [c for c in CONDITIONS[1:] if c in conds and (cuda or c != "busy")]
+    if a.arch in arch_models.ARCHS:
+        if a.cuda_graphs:
+            raise SystemExit(f"--cuda-graphs is not supported for --arch {a.arch}")
+        if any(b > 1 for b in a.batch_sizes):
+            raise SystemExit(f"--batch-sizes is not supported for --arch {a.arch}")
+        if "cache_pressure" in conds:
+            print(f"note: condition cache_pressure is not measured for --arch {a.arch}", flush=True)
+            conds.remove("cache_pressure")
+        spec = ArchSpec(arch=a.arch, layers=a.layers, d_model=a.d_model, heads=a.heads, ffn=a.ffn,
+                        dtype=dtype, summary_tokens=a.summary_tokens, segment_len=a.segment_len,
+                        chunk_tokens=a.chunk_tokens)
+        a.no_kernels = True
+    else:
+        spec = GRSpec(arch=a.arch, layers=a.layers, d_model=a.d_model, heads=a.heads, ffn=a.ffn,
+                      dtype=dtype, short_term_tokens=a.short_term)
     cap = a.pressure_max_gib if a.pressure_max_gib is not None else (math.inf if cuda else 2.0)
     return Config(
         device=device, spec=spec, history_lens=a.history_lens, candidates=a.candidates,

@@ -24,7 +24,7 @@ import numpy as np
 
 from simrec.errors import InputError
 
-from .table import load_table, resolve
+from .table import TABLES_DIR, load_table, resolve
 
 CONDITION = "isolated"
 
@@ -105,9 +105,22 @@ def compute_errors(ref: str, launches_per_layer: int = 12) -> dict:
     }
 
 
+def is_builtin(ref: str) -> bool:
+    """A table shipped inside the package: read-only (an install's site-packages, or the
+    checkout's own calibration/tables, whose files are part of the source)."""
+    try:
+        return resolve(ref).resolve().is_relative_to(TABLES_DIR.resolve())
+    except OSError:
+        return False
+
+
 def write_errors(ref: str, errors: dict) -> Path:
-    """Replace the manifest's `errors` block, keeping every other key and the table's hash."""
+    """Replace the manifest's `errors` block, keeping every other key and the table's hash.
+    A built-in table is refused: copy its folder and write there."""
     mpath = resolve(ref)
+    if is_builtin(ref):
+        raise InputError("a built-in cost table is read-only; copy its folder and give the copy "
+                         "(or --out DIR with --errors-only)", ref)
     load_table(ref)                                 # valid, sha256 matching
     manifest = json.loads(mpath.read_text())
     manifest["errors"] = errors

@@ -26,7 +26,11 @@ from simrec.tabular import MAX_TABLE_BYTES, numeric, read_bytes, read_frame, rea
 
 TABLES_DIR = Path(__file__).parent / "tables"
 PHASES = ("prefix_encode", "rank_cached", "full_forward", "prefix_reload", "emb_gather",
-          "retrieval_score", "prerank_mlp")
+          "retrieval_score", "prerank_mlp",
+          # the target-attention archs of calibration/arch_models.py (FORMAT.md)
+          "stca_history_encode", "stca_target_attend", "stca_per_target",
+          "vista_summarize", "vista_rank_summary",
+          "laser_history_encode", "laser_sta_rank")
 CONDITIONS = ("isolated", "idle_gap", "busy", "cache_pressure")
 COLUMNS = ("phase", "condition", "history_len", "candidates", "quantile", "time_ms", "n_samples")
 

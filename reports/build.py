@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simrec.errors import InputError
+from simrec.folders import umask
 
 from .capacity import capacity, verdict
 from .figures import png_bytes
@@ -201,7 +202,7 @@ def capacity_report(folder: Path, spec: dict) -> tuple[list[Plot], str]:
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)   # mkstemp's 0600 would hide the report from others
+        os.fchmod(fd, 0o666 & ~umask())   # as open() would make it: mkstemp's 0600 would hide it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -60,15 +60,50 @@ def run_page(summary: dict, plots: list[Plot]) -> str:
         sections.append(("RelayGR prefix caching", relay_section(m["relay"], sc.get("relay") or {})))
     sections.append(("Plots", "".join(figure(p) for p in plots)))
     sections.append(("Provenance", provenance(summary)))
-    sections.append(("Scenario", yaml_block(sc)))
+    sections.append(("Scenario (effective: after overrides)", yaml_block(sc)))
+    sections.insert(0, ("Run", run_identity(summary)))
     notes = run_notes(summary)
     if notes:
         sections.insert(0, ("Read this first", "".join(note(n) for n in notes)))
     subtitle = " · ".join(x for x in (
-        sc.get("description"), f"{summary.get('replications')} replications, seed {summary.get('seed')}",
+        offered_load(sc), f"{summary.get('replications')} replications, seed {summary.get('seed')}",
         f"intervals: {level:.0%} {summary.get('ci', {}).get('method', '')}".strip(),
         f"simrec {summary.get('simrec_version', '?')}") if x)
     return page(f"simrec run: {sc.get('name', '')}", subtitle, sections)
+
+
+def offered_load(sc: dict) -> str:
+    """The subtitle's load, from the effective scenario (the description is the file's own
+    text and may name a rate an override has changed)."""
+    w = sc.get("workload") or {}
+    kind = (w.get("arrivals") or {}).get("kind", "poisson")
+    if w.get("rate_qps") is None:
+        return f"{kind} arrivals"
+    return f"{num(w['rate_qps'])} QPS offered ({kind})"
+
+
+def run_identity(summary: dict) -> str:
+    """What made this run: the command, its overrides, the scenario's identity, the code."""
+    sc = summary["scenario"]
+    ident = summary.get("effective_scenario") or {}
+    version = summary.get("version") or {}
+    overrides = summary.get("overrides")
+    command = summary.get("command")
+    rows = [["command", " ".join(_quote(a) for a in command) if command else "(not recorded: the Python API)"],
+            ["overrides (--set, in order)", "; ".join(overrides) if overrides else
+             ("none" if overrides is not None else "(not recorded)")],
+            ["scenario file", ident.get("file") or MISSING],
+            ["description (as written in the file)", sc.get("description") or MISSING],
+            ["run id (name and effective-scenario hash)", ident.get("run_id") or MISSING],
+            ["effective scenario sha256", ident.get("sha256") or MISSING],
+            ["simrec version", version.get("simrec") or summary.get("simrec_version") or MISSING],
+            ["git commit", version.get("git_commit") or MISSING]]
+    return table(["item", "value"], rows)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+    return shlex.quote(str(arg))
 
 
 def relay_section(r: dict, cfg: dict) -> str:

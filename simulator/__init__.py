@@ -6,12 +6,97 @@
     results.metric("e2e", "p99_ms")
 
 Simulated times are milliseconds everywhere.
+
+The public names are imported on first use (PEP 562), so `import simrec` and the CLI's
+`--help` do not pay for pydantic, numpy, pandas or pyarrow before they are needed.
 """
 
-from .errors import InputError
-from .loader import load_scenario, with_overrides
-from .results import Results
-from .scenario import Scenario
-from .simulate import simulate
+from __future__ import annotations
 
-__all__ = ["InputError", "Results", "Scenario", "load_scenario", "simulate", "with_overrides"]
+import sys
+import types
+from functools import lru_cache
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+# public name -> the submodule that defines it
+_LAZY = {
+    "InputError": "errors",
+    "load_scenario": "loader",
+    "with_overrides": "loader",
+    "Results": "results",
+    "Scenario": "scenario",
+    "simulate": "simulate",
+}
+
+__all__ = sorted([*_LAZY, "__version__", "version_info"])
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .errors import InputError
+    from .loader import load_scenario, with_overrides
+    from .results import Results
+    from .scenario import Scenario
+    from .simulate import simulate
+
+
+class _Package(types.ModuleType):
+    """The package module, with its public names loaded on first access.
+
+    `simrec.simulate` is both the function and a submodule's name: importing the submodule
+    would set the package attribute to the module (importlib does so for every submodule),
+    and `simrec.simulate(sc)` would then fail. That one assignment is ignored, so the
+    attribute stays the function (as it was with eager imports)."""
+
+    def __getattr__(self, name: str):
+        if name == "__version__":
+            return _installed_version()
+        where = _LAZY.get(name)
+        if where is None:
+            raise AttributeError(f"module 'simrec' has no attribute {name!r}")
+        value = getattr(import_module(f".{where}", __name__), name)
+        types.ModuleType.__setattr__(self, name, value)
+        return value
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+    def __dir__(self):
+        return sorted({*super().__dir__(), *_LAZY})
+
+
+def version_info() -> dict:
+    """{"simrec": the installed version, "git_commit": the checkout's HEAD or None}: what a
+    results folder records of the code that made it. The commit is looked up only when the
+    package sits in a simrec checkout (an editable install), never in an unrelated
+    repository that happens to hold site-packages."""
+    return {"simrec": _installed_version(), "git_commit": _git_commit()}
+
+
+@lru_cache(maxsize=1)
+def _installed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("simrec")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+@lru_cache(maxsize=1)
+def _git_commit() -> str | None:
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and len(commit) == 40 else None
+
+
+sys.modules[__name__].__class__ = _Package

@@ -10,13 +10,11 @@ import os
 import signal
 import sys
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from typer.core import TyperGroup
 
 try:  # typer >= 0.20 vendors click; older releases use click itself
@@ -27,9 +25,17 @@ except ImportError:  # pragma: no cover
 from .cli_calibrate import calibrate
 from .cli_fidelity import fidelity, fit, testbed
 from .errors import InputError
-from .folders import check_target, safe_name
-from .loader import load_scenario
-from .scenario import Scenario
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.table import Table
+
+    from .scenario import Scenario
+
+# Everything heavy (pydantic, numpy, pandas, pyarrow, matplotlib, scipy, rich's tables and
+# progress bars) is imported inside the command that needs it: `simrec --help` and
+# `simrec --version` then cost a fraction of the full import (benchmarks/startup.py).
+
+ARGV: list[str] = []      # this invocation's arguments, recorded in summary.json by `run`
 
 
 class _OneLineErrors(TyperGroup):
@@ -40,6 +46,8 @@ class _OneLineErrors(TyperGroup):
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
+        given = kwargs.get("args", args[0] if args else None)
+        ARGV[:] = [str(a) for a in (sys.argv[1:] if given is None else given)]
         previous = _term_as_interrupt()
         try:
             code = super().main(*args, **kwargs)   # non-standalone: Exit(n) comes back as n
@@ -49,6 +57,8 @@ class _OneLineErrors(TyperGroup):
             print("interrupted", file=sys.stderr)
             sys.exit(130)
         except ClickException as e:
+            if type(e).__name__ == "NoArgsIsHelpError":    # bare `simrec`: the help was shown
+                sys.exit(0)
             ctx = getattr(e, "ctx", None)
             cmd = f"{ctx.command_path}: " if ctx is not None else ""
             print(f"error: {cmd}{_one_line(e.format_message())}", file=sys.stderr)
@@ -89,12 +99,40 @@ def _one_line(text: str) -> str:
     return " ".join(text.split("\n")).strip()
 
 
-app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True,
+# Plain click help (rich_markup_mode=None): rich's help panels cost more CPU than the rest
+# of `simrec --help` together. Examples sit in \b blocks, so click never rewraps them.
+app = typer.Typer(cls=_OneLineErrors, add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="simrec: simulate recommendation serving cascades (retrieval -> "
-                       "pre-processing -> ranking) on GPU/NPU nodes.")
-err = Console(stderr=True)
-out = Console(soft_wrap=True)
+                       "pre-processing -> ranking) on GPU/NPU nodes. Start with `simrec list "
+                       "scenarios`, `simrec init default` and `simrec run default.yaml`.")
+
+
+@lru_cache(maxsize=None)
+def _console(stderr: bool):
+    """rich consoles, made on first use (rich.console is not needed for --help)."""
+    from rich.console import Console
+    return Console(stderr=True) if stderr else Console(soft_wrap=True)
+
+
+def _warn(text: str) -> None:
+    _console(True).print(f"[yellow]warning:[/] {text}")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from . import version_info
+        v = version_info()
+        commit = f" (git {v['git_commit'][:12]})" if v.get("git_commit") else ""
+        print(f"simrec {v['simrec']}{commit}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_show_version,
+                                       help="print the simrec version (and git commit) and exit")):
+    """The options before a command (the app's help text is Typer's `help`)."""
 
 
 def _fail(e: InputError, scenario: Path | None = None) -> None:
@@ -105,10 +143,40 @@ def _fail(e: InputError, scenario: Path | None = None) -> None:
 
 
 def _load(path: Path, sets: list[str], seed: Optional[int]) -> Scenario:
+    from .loader import load_scenario
     overrides = list(sets or [])
     if seed is not None:
         overrides.append(f"run.seed={seed}")
     return load_scenario(path, overrides)
+
+
+def scenarios_dir() -> Path | None:
+    """The shipped scenarios: `simrec/scenarios` in an installed wheel (package data), or
+    the checkout's `scenarios/` folder beside the package when run from source."""
+    here = Path(__file__).resolve().parent
+    for d in (here / "scenarios", here.parent / "scenarios"):
+        if (d / "default.yaml").is_file() and (d == here / "scenarios" or (here.parent / "pyproject.toml").is_file()):
+            return d
+    return None
+
+
+def shipped(name: str) -> Path | None:
+    """The shipped scenario or sweep file called `name` (with or without .yaml), if any."""
+    d = scenarios_dir()
+    if d is None or not name or "/" in name or name.startswith("."):
+        return None
+    for cand in (d / name, d / f"{name}.yaml"):
+        if cand.suffix == ".yaml" and cand.is_file():
+            return cand
+    return None
+
+
+def _scenario_arg(path: Path) -> Path:
+    """A path as given, or, where nothing exists there, the shipped file of that name: so
+    `simrec run default` works from any folder and for a pip user without a checkout."""
+    if os.path.lexists(path):
+        return path
+    return shipped(str(path)) or path
 
 
 SetOpt = typer.Option(None, "--set", "-s", metavar="PATH=VALUE",
@@ -124,8 +192,9 @@ RefreshOpt = typer.Option(False, "--refresh", help="recompute every point, ignor
 
 @contextmanager
 def _bar(unit: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn(unit), TimeElapsedColumn(), console=err, transient=True) as bar:
+                  TextColumn(unit), TimeElapsedColumn(), console=_console(True), transient=True) as bar:
         yield bar, bar.add_task("", total=None)
 
 
@@ -133,15 +202,15 @@ def _cache_for(target: Path) -> Path:
     return target.parent / ".simrec-cache"
 
 
-
-
-
 @app.command()
-def run(scenario: Path = typer.Argument(..., help="scenario YAML file"),
+def run(scenario: Path = typer.Argument(..., help="scenario YAML file, or the name of a shipped one "
+                                                  "(simrec list scenarios)"),
         set_: Optional[list[str]] = SetOpt,
         seed: Optional[int] = typer.Option(None, help="override run.seed"),
         out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
-                                               help="results folder (default: results/<scenario name>)"),
+                                               help="results folder (default: results/<scenario name>-<8 hex "
+                                                    "digits of the effective scenario's hash>, one per "
+                                                    "scenario, overrides and seed)"),
         report_: bool = ReportOpt,
         prediction_interval: bool = typer.Option(
             False, "--prediction-interval", help="also print each P99 as a central value and a 95% prediction "
@@ -149,26 +218,31 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML file"),
                                                  "window would show, slow episodes included)")):
     """Simulate one scenario and write a results folder (plots and report.html included).
 
-    Example: simrec run scenarios/default.yaml --set workload.rate_qps=2000 --seed 3 --out results/x
+    \b
+    Example: simrec run scenarios/default.yaml --set workload.rate_qps=1200 --seed 3 --out results/x
     """
+    from .folders import check_target
+    from .results import record_invocation, run_id
     from .simulate import simulate
+    scenario = _scenario_arg(scenario)
     try:
         sc = _load(scenario, set_, seed)
-        target = out_dir if out_dir is not None else Path("results") / safe_name(sc.name)
+        target = out_dir if out_dir is not None else Path("results") / run_id(sc)
         check_target(target)                   # refuse before the run, not after it
         with _bar("replications") as (bar, task):
             bar.update(task, description=sc.name, total=sc.run.replications)
             results = simulate(sc, progress=lambda done, total: bar.update(task, completed=done,
                                                                            total=total))
+        record_invocation(results, ["simrec", *ARGV], list(set_ or []), str(scenario))
         target = results.write(target, report_)
     except InputError as e:
         _fail(e, scenario)
-    out.print(key_figures(results))
+    _console(False).print(key_figures(results))
     if prediction_interval:
-        out.print(p99_prediction_intervals(results.summary["metrics"]))
+        _console(False).print(p99_prediction_intervals(results.summary["metrics"]))
     for w in [*results.summary["warnings"], *_missed_target(sc, results.summary)]:
-        err.print(f"[yellow]warning:[/] {w}")
-    out.print(f"results: {target}")
+        _warn(w)
+    _console(False).print(f"results: {target}")
 
 
 def p99_prediction_intervals(metrics: dict) -> str:
@@ -186,7 +260,8 @@ def p99_prediction_intervals(metrics: dict) -> str:
 
 
 @app.command()
-def sweep(spec: Path = typer.Argument(..., help="a sweep file (with `base:`), or a scenario file"),
+def sweep(spec: Path = typer.Argument(..., help="a sweep file (with `base:`), or a scenario file; or "
+                                                "the name of a shipped one"),
           grid: Optional[list[str]] = typer.Option(None, "--grid", "-g", metavar="PATH=V1,V2,...",
                                                    help="a grid axis, e.g. --grid workload.rate_qps=500,1000"),
           variant: Optional[list[str]] = typer.Option(None, "--variant", metavar="NAME:PATH=V;PATH=V",
@@ -199,10 +274,13 @@ def sweep(spec: Path = typer.Argument(..., help="a sweep file (with `base:`), or
           refresh: bool = RefreshOpt, report_: bool = ReportOpt):
     """Run a grid of scenario variants in parallel; one row per point with confidence bounds.
 
-    Example: simrec sweep scenarios/default.yaml --grid workload.rate_qps=500,1000,1500 --variant small:stages.ranking.nodes.count=2 --variant big:stages.ranking.nodes.count=8
+    \b
+    Example: simrec sweep scenarios/default.yaml --grid workload.rate_qps=300,600 --variant four:stages.ranking.nodes.count=4 --variant eight:stages.ranking.nodes.count=8
     """
-    from .loader import read_yaml
+    from .folders import check_target, safe_name
+    from .loader import load_scenario, read_yaml
     from .sweep import build_spec, load_spec, run_sweep, spec_from_cli
+    spec = _scenario_arg(spec)
     try:
         data, _ = read_yaml(spec, "sweep file")
         extra = spec_from_cli(grid or [], variant or [], set_ or [])
@@ -228,12 +306,12 @@ def sweep(spec: Path = typer.Argument(..., help="a sweep file (with `base:`), or
     m = spec_obj.metric
     show = [c for c in ("variant", *spec_obj.grid, m, m + "_lo", m + "_hi", "goodput_rps",
                         "slo_attainment", "relay.prefix_hit_rate") if c in table.columns]
-    out.print(table[show].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    out.print(f"results: {target}")
+    _console(False).print(table[show].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    _console(False).print(f"results: {target}")
 
 
 @app.command()
-def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file"),
+def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file, or the name of a shipped one"),
              param: str = typer.Option("workload.rate_qps", "--param", "-p",
                                        help="the field to search, e.g. workload.rate_qps, "
                                             "workload.users.history_len.value, stages.ranking.nodes.count"),
@@ -254,11 +332,14 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file"),
              cache: Optional[Path] = CacheOpt, refresh: bool = RefreshOpt, report_: bool = ReportOpt):
     """Largest QPS (or L), or fewest instances, whose P99 upper confidence bound meets the SLO.
 
+    \b
     Example: simrec capacity scenarios/default.yaml --param workload.rate_qps --metric stages.ranking.p99_ms
     """
     from .capacity import search, write_capacity
-    from .sweep import slo_for
+    from .folders import check_target, safe_name
     from .loader import get_path
+    from .sweep import slo_for
+    scenario = _scenario_arg(scenario)
     try:
         sc = _load(scenario, set_, None)
         current = get_path(sc.model_dump(mode="json"), param.split("."), "--param")
@@ -279,50 +360,177 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file"),
     except InputError as e:
         _fail(e, scenario)
     d = cap.as_dict()
-    out.print(f"{param}: passing {d['bracket'][0]}, failing {d['bracket'][1]} "
+    _console(False).print(f"{param}: passing {d['bracket'][0]}, failing {d['bracket'][1]} "
               f"({metric} upper 95% bound vs {budget} ms; {d['evaluations']} simulations"
               f"{', undecided ' + str(d['undecided']) if d['undecided'] else ''}"
               f"{'; the metric stopped improving: the SLO looks unreachable' if d['plateau'] else ''})")
-    out.print(f"results: {target}")
+    _console(False).print(f"results: {target}")
 
 
 @app.command()
 def report(folder: Path = typer.Argument(..., help="a results folder from run, sweep or capacity")):
     """Draw the plots and write report.html for a results folder.
 
-    Example: simrec report results/default-cascade
+    \b
+    Example: simrec report results/x
     """
     from .folders import build_report
     try:
         paths = build_report(folder)
     except InputError as e:
         _fail(e)
-    out.print(f"wrote {len(paths)} files: {folder / 'report.html'}")
+    _console(False).print(f"wrote {len(paths)} files: {folder / 'report.html'}")
 
 
 @app.command()
-def validate(scenario: Path = typer.Argument(..., help="scenario YAML file"),
+def validate(scenario: Path = typer.Argument(..., help="scenario YAML file, or the name of a shipped one"),
              set_: Optional[list[str]] = SetOpt):
     """Check a scenario (schema, devices, cost tables, trace, shapes) without running it.
 
-    Example: simrec validate scenarios/default.yaml --set workload.rate_qps=2000
+    \b
+    Example: simrec validate scenarios/default.yaml --set workload.rate_qps=1200
     """
     from .cascade import prepare
+    scenario = _scenario_arg(scenario)
     try:
         sc = _load(scenario, set_, None)
         reqs = prepare(sc, 0).requests
     except InputError as e:
         _fail(e, scenario)
-    out.print(f"{scenario}: ok ({len(sc.stages)} stages, {len(reqs)} requests per replication, "
+    _console(False).print(f"{scenario}: ok ({len(sc.stages)} stages, {len(reqs)} requests per replication, "
               f"{sc.run.replications} replications)")
+
+
+LISTS = ("devices", "tables", "scenarios")
+
+
+@app.command("list")
+def list_(what: str = typer.Argument(..., metavar="devices|tables|scenarios", autocompletion=lambda: list(LISTS),
+                                     help="what to list: device presets, built-in cost tables, or "
+                                          "the shipped scenario and sweep files")):
+    """List the device presets, the built-in cost tables or the shipped scenarios.
+
+    \b
+    Example: simrec list scenarios
+    """
+    try:
+        if what not in LISTS:
+            raise InputError(f"choose devices, tables or scenarios (got {what!r})", "list")
+        rows = {"devices": _devices, "tables": _tables, "scenarios": _scenarios}[what]()
+    except InputError as e:
+        _fail(e)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+def _devices() -> list[tuple[str, ...]]:
+    from .devices import PRESETS
+    rows = [("preset", "HBM", "TFLOP/s", "HBM GB/s", "host GB/s", "device")]
+    for key, d in PRESETS.items():
+        gb = d["hbm_bytes"]
+        size = f"{gb / 2**30:g} GiB" if gb % 2**30 == 0 else f"{gb / 1e9:g} GB"
+        rows.append((key, size, f"{d['peak_tflops']:g}", f"{d['hbm_gbps']:g}",
+                     f"{d['host_link_gbps']:g}", d["name"]))
+    return rows
+
+
+def _tables() -> list[tuple[str, ...]]:
+    """The built-in cost tables, from their manifests alone (no table file is read)."""
+    import simrec.calibration
+    tables = Path(simrec.calibration.__file__).resolve().parent / "tables"
+    rows = [("table", "label", "model", "L grid", "M grid", "device")]
+    for d in sorted(tables.iterdir()) if tables.is_dir() else []:
+        try:
+            m = json.loads((d / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        grid, model = m.get("grid") or {}, m.get("model") or {}
+        span = lambda v: f"{min(v)}..{max(v)}" if v else "-"   # noqa: E731
+        rows.append((d.name, str(m.get("label", "?")),
+                     f"{model.get('arch', '?')} {model.get('layers', '?')}x{model.get('d_model', '?')}",
+                     span(grid.get("history_len")), span(grid.get("candidates")),
+                     str((m.get("device") or {}).get("name", "?"))))
+    return rows
+
+
+def _scenarios() -> list[tuple[str, ...]]:
+    """The shipped files: a scenario's `description`, or a sweep file's first comment line."""
+    import yaml
+    d = scenarios_dir()
+    if d is None:
+        raise InputError("no shipped scenarios found (a broken install?)", "list")
+    rows = [("name", "kind", "description")]
+    for p in sorted(d.glob("*.yaml")):
+        text = p.read_text()
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            continue
+        kind = "sweep" if isinstance(data, dict) and "base" in data else "scenario"
+        desc = data.get("description") if isinstance(data, dict) else None
+        if not desc:
+            desc = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
+        rows.append((p.stem, kind, str(desc)))
+    return rows
+
+
+@app.command()
+def init(name: str = typer.Argument(..., help="a shipped scenario or sweep file (simrec list scenarios)",
+                                    autocompletion=lambda: _shipped_names()),
+         out: Optional[Path] = typer.Option(None, "--out", "-o", help="where to write it (a file, or a "
+                                                                     "folder; default: ./NAME.yaml)")):
+    """Copy a shipped scenario (or sweep file) out, to edit it; never overwrites a file.
+
+    \b
+    Example: simrec init default --out my.yaml
+    """
+    try:
+        src = shipped(name)
+        if src is None:
+            known = ", ".join(_shipped_names())
+            raise InputError(f"no shipped scenario {name!r} (shipped: {known or 'none'})", "init")
+        dest = out if out is not None else Path(src.name)
+        if dest.is_dir():
+            dest = dest / src.name
+        try:
+            with open(dest, "xb") as f:         # exclusive: an existing file is never replaced
+                f.write(src.read_bytes())
+        except FileExistsError:
+            raise InputError("exists: refusing to overwrite it; choose another --out", str(dest)) from None
+        except OSError as e:
+            raise InputError(f"cannot write ({e.strerror})", str(dest)) from None
+    except InputError as e:
+        _fail(e)
+    print(f"wrote {dest}")
+    base = _sweep_base(dest)
+    if base and not (dest.parent / base).exists():
+        print(f"note: this sweep file's base is {base}; copy it beside it: simrec init "
+              f"{Path(base).stem} --out {dest.parent / base}")
+
+
+def _shipped_names() -> list[str]:
+    d = scenarios_dir()
+    return sorted(p.stem for p in d.glob("*.yaml")) if d is not None else []
+
+
+def _sweep_base(path: Path) -> str | None:
+    import yaml
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return str(data["base"]) if isinstance(data, dict) and "base" in data else None
 
 
 @app.command()
 def schema():
     """Print the JSON Schema of the scenario format (for editors and validators).
 
+    \b
     Example: simrec schema > scenario.schema.json
     """
+    from .scenario import Scenario
     print(json.dumps(Scenario.model_json_schema(), indent=2))
 
 
@@ -347,6 +555,7 @@ def _ci(m: dict, digits: int = 2) -> str:
 
 
 def key_figures(results) -> Table:
+    from rich.table import Table
     s = results.summary
     table = Table(title=f"{s['scenario']['name']}: {s['replications']} replications, "
                         f"95% CI in brackets (ms unless stated)")

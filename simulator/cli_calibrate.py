@@ -6,6 +6,7 @@ Registered by cli.py. Torch is imported only when measuring, so `--errors-only` 
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -28,12 +29,35 @@ def _grid(text: str, what: str) -> str:
     return ",".join(str(v) for v in sorted(set(vals)))
 
 
-def _errors(ref: str, launches_per_layer: int) -> None:
-    from simrec.calibration.model_errors import compute_errors, format_errors, write_errors
+def _errors(ref: str, launches_per_layer: int, copy_to: Path | None = None) -> None:
+    """Compute and print a table's errors and store them in its manifest. A built-in table
+    is never written (it lives in the package): with `copy_to` its folder is copied there
+    and the copy gets them, else they are only printed."""
+    from simrec.calibration.model_errors import compute_errors, format_errors, is_builtin, write_errors
+    if is_builtin(ref) and copy_to is not None:
+        ref = _copy_table(ref, copy_to)
     errors = compute_errors(ref, launches_per_layer)
+    if is_builtin(ref):
+        print(format_errors(errors))
+        print(f"{ref} is a built-in table (read-only): errors printed, not stored; give --out DIR "
+              f"to store them in a copy", file=sys.stderr)
+        return
     path = write_errors(ref, errors)
     print(format_errors(errors))
     print(f"errors written to {path}")
+
+
+def _copy_table(ref: str, dest: Path) -> str:
+    import shutil
+
+    from simrec.calibration.table import resolve
+    if os.path.lexists(dest):
+        raise InputError("exists: refusing to overwrite it; choose a new folder for the copy", str(dest))
+    try:
+        shutil.copytree(resolve(ref).parent, dest)
+    except OSError as e:
+        raise InputError(f"cannot copy the table here ({e.strerror})", str(dest)) from None
+    return str(dest)
 
 
 def calibrate(
@@ -42,7 +66,9 @@ def calibrate(
     errors_only: Optional[str] = typer.Option(None, "--errors-only", metavar="TABLE",
                                               help="measure nothing: compute the cost-model errors of "
                                                    "an existing table (folder or built-in name) and "
-                                                   "store them in its manifest"),
+                                                   "store them in its manifest (a built-in table is "
+                                                   "read-only: printed only, or stored in a copy at "
+                                                   "--out)"),
     device: Optional[str] = typer.Option(None, help="torch device: cuda, cuda:1, cpu, ... "
                                                     "(default: cuda if present, else cpu)"),
     arch: str = typer.Option("transformer", help="transformer or hstu"),
@@ -82,7 +108,7 @@ def calibrate(
     """
     try:
         if errors_only is not None:
-            _errors(errors_only, launches_per_layer)
+            _errors(errors_only, launches_per_layer, out)
             return
         if out is None:
             raise InputError("give an output folder (or --errors-only TABLE)", "--out")

@@ -115,6 +115,7 @@ def atomic_folder(out: str | Path, report: bool = False,
         with _locked(out.parent):
             clean_stale(out.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~umask())    # mkdtemp's 0700 would hide the results from others
     except OSError as e:
         raise InputError(f"cannot write here ({e.strerror})", str(out)) from None
     try:
@@ -130,6 +131,13 @@ def atomic_folder(out: str | Path, report: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def build_report(folder: Path) -> list[Path]:
@@ -261,6 +269,7 @@ def write_json_atomic(path: Path, data) -> None:
     except OSError as e:
         raise InputError(f"cannot write ({e.strerror})", str(path)) from None
     try:
+        os.fchmod(fd, 0o666 & ~umask())     # as open() would make it, not mkstemp's 0600
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
         os.replace(tmp, path)

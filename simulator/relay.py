@@ -357,6 +357,27 @@ class Relay:
             if user in self.caches[k].entries:
                 self.caches[k].unpin(user)
 
+    # ------------------------------------------------------------------ the worker's order
+    def take(self, node: Node) -> Job:
+        """The next job a relay worker serves on a node with work (both engines): by
+        `relay.queue`, a pre-infer job first (pre_first), last (rank_first) or in arrival
+        order (fifo); its predicted time leaves the node's backlog."""
+        order = self.cfg.queue
+        if order == "pre_first" and node.pre_queue or order == "rank_first" and not node.queue:
+            job = node.pre_queue.popleft()
+        else:
+            job = node.queue.popleft()
+        node.backlog_ms -= job.pred_ms
+        return job
+
+    def batching(self, node: Node) -> bool:
+        """Whether the next job is a batch of rankings (batch.max_size > 1, a ranking next)."""
+        if self.stage.max_batch == 1:
+            return False
+        if self.cfg.queue == "pre_first" and node.pre_queue or self.cfg.queue == "rank_first" and not node.queue:
+            return False
+        return node.queue[0].kind != PRE_JOB
+
     # ------------------------------------------------------------------ pre-infer jobs
     def pre_cost(self, job: Job, node: Node, now: float) -> float:
         """Cost of a pre-infer job; 0 if it was cancelled while it waited."""
@@ -403,22 +424,17 @@ def _leading_ranks(queue, limit: int) -> int:
 def relay_worker(env: simpy.Environment, relay: Relay, node: Node):
     """Pre-infer and ranking jobs share the device: a pre-infer job runs alone, rankings
     one at a time or (batch.max_size > 1) as the run of rankings at the queue's head."""
-    order = relay.cfg.queue
     bind = getattr(relay.phases, "bind", None)     # a cost model that depends on the node's state
     max_batch, max_wait = relay.stage.max_batch, relay.stage.max_wait_ms
     while True:
         while not node.queue and not node.pre_queue:
             node.wakeup = env.event()
             yield node.wakeup
-        if order == "pre_first" and node.pre_queue or order == "rank_first" and not node.queue:
-            job = node.pre_queue.popleft()
-        elif max_batch > 1 and node.queue[0].kind != PRE_JOB:
+        if relay.batching(node):
             yield from _hold_open(env, node, max_batch, max_wait)
             yield from _serve_batch(env, relay, node, max_batch, bind)
             continue
-        else:
-            job = node.queue.popleft()
-        node.backlog_ms -= job.pred_ms
+        job = relay.take(node)
         if bind is not None:
             bind(node, env.now)
         if job.kind == PRE_JOB:

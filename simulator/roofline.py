@@ -21,14 +21,36 @@ FLOPs (per DESIGN.md, 2 FLOPs per multiply-add; N layers, d width, s short-term 
   ``full_forward = prefix_encode + rank_cached``: DESIGN's full pass with m -> M + s, less
   the last layer's unused history rows. (DESIGN's ``12 (n+m) d^2`` counts multiply-adds at
   ffn = 4d; in FLOPs that is 24 d^2.)
-- stca: ``prefix_encode = N 12 L d^2`` (the user side, shared by all targets) and
-  ``rank_cached = N M (4 L d h + 20 d^2)``, h = heads; DESIGN's formula as written.
-- vista: ``prefix_encode = N [8 k d^2 + 2 k^2 d]`` (the k summary tokens) and
-  ``rank_cached = N [8 M d^2 + 4 M k d]``; independent of L, as written in DESIGN.
+- stca, vista, laser: the models of ``calibration/arch_models.py``, counted GEMM by GEMM
+  (f = ffn, the SwiGLU width: ``6 d f`` FLOPs per token; h heads; k summary tokens;
+  S = ceil(L / segment_len) segments). Their own phases (`ARCH_PHASES`):
+
+  - ``stca_history_encode = N L (6 d f + 4 d^2)`` (per layer a SwiGLU + the K/V projection of
+    every history token: the user side, once per request with RLB);
+  - ``stca_target_attend = M [6 d f + N (4 d^2 + 4 L d) + (N-1) 4 d^2]`` (the target's SwiGLU;
+    per layer Q and output projections and single-query attention over L; the query fusion);
+  - ``stca_per_target = M x stca_history_encode + stca_target_attend`` (no RLB);
+  - ``vista_summarize = N [4 L d^2 + 4 k L d + 4 k d^2 + 6 k d f]``;
+  - ``vista_rank_summary = N [4 k d^2 + 4 M d^2 + 4 M k d + 6 M d f]`` (flat in L);
+  - ``laser_history_encode = 4 L d^2``;
+  - ``laser_sta_rank = M [6 d f + 2 d^2 + 4 P d] + N M [4 d^2 + 4 S d + 6 d f]`` with
+    P = S x segment_len (the target SwiGLU and query, segmented attention over the history
+    padded to whole segments, then N light GSTA layers over S segments);
+  - ``full_forward`` = encode + rank of each (stca: with RLB).
+
+  The legacy names map onto them (prefix_encode = the user-side phase, rank_cached = the
+  candidate phase): stca = history_encode / target_attend, vista = summarize / rank_summary,
+  laser = history_encode / sta_rank. (DESIGN's STCA formula, ``N [12 L d^2 + M (4 L d h +
+  20 d^2)]``, is this at f = 4d/3 with attention counted per head at full width: one query
+  over L keys of width d costs 4 L d FLOPs whatever the head count.)
 
 Bytes: the weights once per call (``N (4 d^2 + 2 d ffn) b``; HSTU ``N 5 d^2 b``) plus K/V at
 ``N 2 d b`` per token: the K/V of every token a phase computes is written once and every
-K/V its attention uses is read once. The cached prefix is L tokens (k for VISTA).
+K/V its attention uses is read once. The cached prefix is L tokens (k for VISTA). The
+target-attention archs follow the same rule with their own weights and user-side state
+(`_arch_bytes`); STCA without RLB writes and reads M copies of the history and its K/V, and
+LASER's eager segmented attention also moves its [h, M, L] score block (written, softmaxed,
+read: 5 h M P b) and its [M, S, d] segment summaries (about 7 passes + 2 per GSTA layer).
 
 Noise: with ``cv > 0`` each draw is the roofline time times a lognormal factor of median 1
 (median-preserving: the roofline time is fitted to measured medians, so it stays the median
@@ -46,6 +68,27 @@ import numpy as np
 from .errors import InputError
 
 PHASES = ("prefix_encode", "rank_cached", "full_forward", "prefix_reload")
+# The measured phases of the target-attention archs (calibration/arch_models.REGISTRY, the
+# same names; a test keeps them equal), and what one ranking request costs on each serving
+# path: phase names in order, each at the request's (L, M) with a dim the phase does not take
+# set to 0 (vista_rank_summary is (0, M): k is the model's, not the request's).
+ARCH_PHASES = {
+    "stca": (("stca_history_encode", "L"), ("stca_target_attend", "LM"), ("stca_per_target", "LM"),
+             ("full_forward", "LM")),
+    "vista": (("vista_summarize", "L"), ("vista_rank_summary", "kM"), ("full_forward", "LM")),
+    "laser": (("laser_history_encode", "L"), ("laser_sta_rank", "LM"), ("full_forward", "LM")),
+}
+SERVING_PATHS = {
+    "stca": {"rlb": ("stca_history_encode", "stca_target_attend"), "per_target": ("stca_per_target",)},
+    "vista": {"hit": ("vista_rank_summary",), "miss": ("vista_summarize", "vista_rank_summary")},
+    "laser": {"default": ("laser_history_encode", "laser_sta_rank")},
+}
+# legacy phase -> the arch's own phase
+LEGACY = {
+    "stca": {"prefix_encode": "stca_history_encode", "rank_cached": "stca_target_attend"},
+    "vista": {"prefix_encode": "vista_summarize", "rank_cached": "vista_rank_summary"},
+    "laser": {"prefix_encode": "laser_history_encode", "rank_cached": "laser_sta_rank"},
+}
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
 # Table device names -> device presets (first match in the lower-cased name).
 PRESET_NAMES = (("h100", "h100"), ("h200", "h200"), ("a100", "a100"),
@@ -63,12 +106,13 @@ class ModelShape:
     dtype_bytes: int
     short_term_tokens: int = 0
     summary_tokens: int = 128
+    segment_len: int = 128
 
     @classmethod
     def from_config(cls, m) -> ModelShape:
         """From a scenario's `RooflineModel`."""
         return cls(m.arch, m.layers, m.d_model, m.heads, m.ffn or 4 * m.d_model, m.dtype_bytes,
-                   m.short_term_tokens, m.summary_tokens)
+                   m.short_term_tokens, m.summary_tokens, getattr(m, "segment_len", 128))
 
     @classmethod
     def from_manifest(cls, model: dict, source: str) -> ModelShape:
@@ -84,7 +128,14 @@ class ModelShape:
                 raise InputError(f"unknown dtype {model.get('dtype')!r}", source, "model.dtype")
             b = int(model["kv_bytes_per_token"]) // (2 * n * d)
         return cls(str(model["arch"]), n, d, int(model["heads"]), int(model.get("ffn") or 4 * d), b,
-                   int(model.get("short_term_tokens", 0)), int(model.get("summary_tokens", 128)))
+                   int(model.get("short_term_tokens", 0)), int(model.get("summary_tokens", 128)),
+                   int(model.get("segment_len", 128)))
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The phases this model has formulas for."""
+        own = tuple(p for p, _ in ARCH_PHASES.get(self.arch, ()))
+        return tuple(dict.fromkeys(PHASES + own))
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -95,25 +146,22 @@ class ModelShape:
         return self.summary_tokens + 0 * L if self.arch == "vista" else L
 
     def flops(self, phase: str, L, M):
-        N, d, s, h = self.layers, self.d_model, self.short_term_tokens, self.heads
+        N, d, s = self.layers, self.d_model, self.short_term_tokens
+        if self.arch in ARCH_PHASES:
+            return _arch_flops(self, LEGACY[self.arch].get(phase, phase), L, M)
         if self.arch in ("transformer", "hstu"):
             c = 10 * d * d if self.arch == "hstu" else 8 * d * d + 4 * d * self.ffn
             # The last layer's history rows only need K and V (their outputs are unused).
             enc = (N - 1) * (c * L + 2 * L * L * d) + 4 * d * d * L
             rank = N * (c * (M + s) + 4 * (M + s) * (L + s) * d)
-        elif self.arch == "stca":
-            enc = N * 12 * L * d * d
-            rank = N * M * (4 * L * d * h + 20 * d * d)
-        elif self.arch == "vista":
-            k = self.summary_tokens
-            enc = N * (8 * k * d * d + 2 * k * k * d) + 0 * L
-            rank = N * (8 * M * d * d + 4 * M * k * d) + 0 * L
         else:
             raise ValueError(f"unknown arch {self.arch!r}")
         return {"prefix_encode": enc, "rank_cached": rank, "full_forward": enc + rank}[phase]
 
     def bytes(self, phase: str, L, M):
         N, d, b, kv = self.layers, self.d_model, self.dtype_bytes, self.kv_bytes_per_token
+        if self.arch in ARCH_PHASES and phase != "prefix_reload":
+            return _arch_bytes(self, LEGACY[self.arch].get(phase, phase), L, M)
         weights = N * (5 * d * d if self.arch == "hstu" else 4 * d * d + 2 * d * self.ffn) * b
         p = self.cached_tokens(L)
         q = M + (self.short_term_tokens if self.arch in ("transformer", "hstu") else 0)
@@ -121,6 +169,70 @@ class ModelShape:
             return p * kv
         tokens = {"prefix_encode": 2 * p, "rank_cached": p + 2 * q, "full_forward": 2 * (p + q)}[phase]
         return weights + tokens * kv
+
+
+def _segments(m: ModelShape, L):
+    return -(-np.asarray(L) // m.segment_len) if isinstance(L, np.ndarray) else -(-L // m.segment_len)
+
+
+def _arch_flops(m: ModelShape, phase: str, L, M):
+    """FLOPs of a target-attention arch's phase (module docstring; GEMMs and attention only)."""
+    N, d, f, k = m.layers, m.d_model, m.ffn, m.summary_tokens
+    if m.arch == "stca":
+        enc = N * L * (6 * d * f + 4 * d * d)
+        att = M * (6 * d * f + N * (4 * d * d + 4 * L * d) + (N - 1) * 4 * d * d)
+        out = {"stca_history_encode": enc, "stca_target_attend": att,
+               "stca_per_target": M * enc + att, "full_forward": enc + att}
+    elif m.arch == "vista":
+        summ = N * (4 * L * d * d + 4 * k * L * d + 4 * k * d * d + 6 * k * d * f)
+        rank = N * (4 * k * d * d + 4 * M * d * d + 4 * M * k * d + 6 * M * d * f) + 0 * L
+        out = {"vista_summarize": summ, "vista_rank_summary": rank, "full_forward": summ + rank}
+    elif m.arch == "laser":
+        S = _segments(m, L)
+        enc = 4 * L * d * d
+        P = S * m.segment_len                   # the history padded to whole segments
+        sta = M * (6 * d * f + 2 * d * d + 4 * P * d) + N * M * (4 * d * d + 4 * S * d + 6 * d * f)
+        out = {"laser_history_encode": enc, "laser_sta_rank": sta, "full_forward": enc + sta}
+    else:
+        raise ValueError(f"unknown arch {m.arch!r}")
+    if phase not in out:
+        raise ValueError(f"arch {m.arch} has no phase {phase!r} (has {', '.join(out)})")
+    return out[phase]
+
+
+def _arch_bytes(m: ModelShape, phase: str, L, M):
+    """HBM bytes of a target-attention arch's phase: weights once, the user-side state written
+    once by the phase that makes it and read once by each phase that uses it, inputs read."""
+    N, d, f, k, b, h = m.layers, m.d_model, m.ffn, m.summary_tokens, m.dtype_bytes, m.heads
+    if m.arch == "stca":
+        w_hist = N * (3 * d * f + 2 * d * d) * b
+        w_tgt = (3 * d * f + N * 2 * d * d + (N - 1) * 2 * d * d) * b
+        kv = N * 2 * L * d * b
+        enc = w_hist + L * d * b + kv
+        att = w_tgt + kv + M * d * b
+        # no RLB: each target's copy of the history is written and read, its K/V written and read
+        per = w_hist + w_tgt + L * d * b + M * (2 * L * d * b + 2 * kv) + M * d * b
+        out = {"stca_history_encode": enc, "stca_target_attend": att, "stca_per_target": per,
+               "full_forward": w_hist + w_tgt + L * d * b + 2 * kv + M * d * b}
+    elif m.arch == "vista":
+        w = N * (4 * d * d + 3 * d * f) * b
+        summ = w + L * d * b + N * 2 * 2 * L * d * b + k * d * b
+        rank = w + k * d * b + N * 2 * 2 * k * d * b + M * d * b + 0 * L
+        out = {"vista_summarize": summ, "vista_rank_summary": rank, "full_forward": summ + rank}
+    elif m.arch == "laser":
+        S = _segments(m, L)
+        kv = 2 * L * d * b
+        enc = 2 * d * d * b + L * d * b + kv
+        sta = ((3 * d * f + d * d) * b + N * (2 * d * d + 3 * d * f) * b + kv
+               + 5 * h * M * S * m.segment_len * b
+               + (7 + 2 * N) * M * S * d * b + M * d * b)
+        out = {"laser_history_encode": enc, "laser_sta_rank": sta,
+               "full_forward": enc + sta - kv}      # in one call the K/V is not re-read from a cache
+    else:
+        raise ValueError(f"unknown arch {m.arch!r}")
+    if phase not in out:
+        raise ValueError(f"arch {m.arch} has no phase {phase!r} (has {', '.join(out)})")
+    return out[phase]
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,10 +354,10 @@ def fit_table(ref: str, launches_per_layer: int = 12) -> Fit:
     model = ModelShape.from_manifest(table.manifest.model, source)
     peaks, device_source = table_peaks(table.manifest, source)
     have = {p for p, c in table.curves if c == "isolated"}
-    points = {ph: medians(table, ph) for ph in PHASES if ph in have}
-    if not {"full_forward", "rank_cached", "prefix_encode"} & points.keys():
+    points = {ph: medians(table, ph) for ph in model.phases if ph in have}
+    if not set(points) - {"prefix_reload"}:
         raise InputError("a roofline fit needs full_forward, rank_cached or prefix_encode "
-                         "(isolated) in the table", source)
+                         "(or an arch's own phases; isolated) in the table", source)
     base = Roofline(model, peaks, Efficiency(1.0, 1.0), launches_per_layer)
 
     def residuals(theta):
@@ -302,7 +414,7 @@ class RooflinePhases:
         key = (name, L, M)
         t = self._memo.get(key)
         if t is None:
-            if name not in PHASES:
+            if name not in self.roofline.model.phases:
                 raise KeyError(f"roofline has no phase {name!r}")
             t = self._memo[key] = float(self.roofline.time_ms(name, L, M))
         return t

@@ -3,7 +3,10 @@
 A router is a function `pick(user) -> Node`. Affinity routers hash the user id on a
 consistent-hash ring with virtual nodes, so a user's pre-infer signal and its ranking
 request meet on the same instance; the fallback variant leaves the ring when the home
-instance is overloaded. Ties between equally loaded nodes go to the lowest index.
+instance is overloaded. Ties between equally loaded nodes are broken uniformly at random
+from the stage's routing stream (a draw only when there is a tie), so identical nodes get
+identical shares; the lowest index would take every tie (94% against 55% utilisation on
+eight identical nodes at moderate load).
 
 A router is a plain state machine: it reads node state, and the load-based ones keep an
 index of it (`LeastLoaded`) that the nodes update through their `watch` hook, so a pick
@@ -56,16 +59,21 @@ def load(node) -> int:
 
 
 class LeastLoaded:
-    """`min(nodes, key=load)` (ties to the lowest index) in O(log N): a heap of
-    (load, index) entries kept current by `update`, which every node calls (its `watch`)
-    after its load changes. Stale entries are skipped lazily and the heap is rebuilt when
-    they pile up. With `indexed=False` it scans instead: for node owners that change
-    loads without telling (the relay worker drops a cancelled pre-infer job silently)."""
+    """`min(nodes, key=load)` in O(log N): a heap of (load, index) entries kept current by
+    `update`, which every node calls (its `watch`) after its load changes. Stale entries
+    are skipped lazily and the heap is rebuilt when they pile up. With `indexed=False` it
+    scans instead: for node owners that change loads without telling (the relay worker
+    drops a cancelled pre-infer job silently).
 
-    __slots__ = ("nodes", "cur", "heap", "indexed")
+    Ties: with `tie` (a uniform [0, 1) draw), a pick among several least-loaded nodes
+    takes one of them uniformly, by index order; without it, the lowest index. The tied
+    set depends only on the loads (`cur`), never on the heap's layout, so both engines
+    (the fast one updates `cur` and `heap` in line) draw the same nodes."""
 
-    def __init__(self, nodes: list, indexed: bool = True):
-        self.nodes, self.indexed = nodes, indexed
+    __slots__ = ("nodes", "cur", "heap", "indexed", "tie")
+
+    def __init__(self, nodes: list, indexed: bool = True, tie: Callable[[], float] | None = None):
+        self.nodes, self.indexed, self.tie = nodes, indexed, tie
         self.cur = [load(nd) for nd in nodes]
         self.heap = [(l, i) for i, l in enumerate(self.cur)]
         heapify(self.heap)
@@ -88,16 +96,28 @@ class LeastLoaded:
         heapify(self.heap)
 
     def pick(self, user: int = 0):
-        """The least-loaded node (the index's first entry that is current)."""
+        """The least-loaded node (the index's first entry that is current; a tie drawn)."""
         heap, cur = self.heap, self.cur
         while True:
             l, i = heap[0]
             if cur[i] == l:
-                return self.nodes[i]
+                break
             heappop(heap)
+        # Another entry of load l (current or stale) has ancestors of load l, so it shows
+        # in the root's children: when neither holds l, node i is the only least-loaded.
+        if self.tie is None or not ((len(heap) > 1 and heap[1][0] == l) or (len(heap) > 2 and heap[2][0] == l)):
+            return self.nodes[i]
+        return self.nodes[self._draw([j for j, c in enumerate(cur) if c == l])]
 
     def scan(self, user: int = 0):
-        return min(self.nodes, key=load)
+        loads = [load(nd) for nd in self.nodes]
+        least = min(loads)
+        if self.tie is None:
+            return self.nodes[loads.index(least)]
+        return self.nodes[self._draw([j for j, c in enumerate(loads) if c == least])]
+
+    def _draw(self, tied: list[int]) -> int:
+        return tied[0] if len(tied) == 1 else tied[int(self.tie() * len(tied))]
 
     def __call__(self, user: int = 0):
         return self.pick(user) if self.indexed else self.scan(user)
@@ -110,6 +130,7 @@ def make_picker(kind: str, nodes: list, rng: np.random.Generator, virtual_nodes:
     if n == 1:
         only = nodes[0]
         return lambda user: only
+    uniform = Draws(rng, lambda r, k: r.uniform(0, 1, k)).next   # the stage's routing stream
     if kind == "round_robin":
         state = {"next": 0}
 
@@ -119,20 +140,19 @@ def make_picker(kind: str, nodes: list, rng: np.random.Generator, virtual_nodes:
             return nodes[i]
         return round_robin
     if kind in ("least_loaded", "hbm_aware"):
-        router = LeastLoaded(nodes, indexed)
+        router = LeastLoaded(nodes, indexed, tie=uniform)
         return router.pick if indexed else router.scan
     if kind in ("affinity", "affinity_fallback"):
         ring = HashRing(n, virtual_nodes)
         if kind == "affinity":
             return lambda user: nodes[ring.node_of(user)]
-        router = LeastLoaded(nodes, indexed)
+        router = LeastLoaded(nodes, indexed, tie=uniform)
         least = router.pick if indexed else router.scan
 
         def affinity_fallback(user: int):
             home = nodes[ring.node_of(user)]
             return home if load(home) < overload_jobs else least(user)
         return affinity_fallback
-    uniform = Draws(rng, lambda r, k: r.uniform(0, 1, k)).next
     if kind == "random":
         return lambda user: nodes[int(uniform() * n)]
     if kind == "power_of_two":

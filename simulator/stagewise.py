@@ -26,10 +26,11 @@ the sample interval), never continuous service distributions.
 A relay stage is one of these loops too: its pre-infer signals come from an earlier stage
 (or the arrivals), so they are known before it runs, and they enter with the ranking
 requests, in SimPy's order; the HBM partition controllers are timed events of that stage.
-The relay's own methods (signal, submit_rank, rank_cost, pre_cost, pre_done, ranked) and
-its worker's order of work are the same as under SimPy (relay.relay_worker).
+The relay's own methods (signal, submit_rank, take, rank_cost, pre_cost, pre_done, ranked)
+are the ones SimPy's relay.relay_worker calls, so the order of work is the same.
 
-Declined (SimPy runs, with the reason): such ties, and a replication without requests.
+Declined (SimPy runs, with the reason): such ties, a replication without requests, and a
+relay stage that batches its rankings (`unsupported`).
 """
 
 from __future__ import annotations
@@ -867,12 +868,7 @@ class RelayStage(_StageSim):
                 self.state[i] = R_IDLE
                 nd.wakeup = _Waker(self, i)
                 return
-            order = relay.cfg.queue
-            if order == "pre_first" and nd.pre_queue or order == "rank_first" and not nd.queue:
-                job = nd.pre_queue.popleft()
-            else:
-                job = nd.queue.popleft()
-            nd.backlog_ms -= job.pred_ms
+            job = relay.take(nd)
             bind = getattr(relay.phases, "bind", None)
             if bind is not None:
                 bind(nd, now)

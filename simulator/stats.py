@@ -1,32 +1,206 @@
-"""Confidence intervals across independent replications.
+"""Confidence intervals across independent replications, each valid for its quantity.
 
-Each replication gives one estimate of a metric (a mean, a percentile, a rate). The
+Each replication gives one estimate of a metric (a mean, a rate, a fraction). The
 replications are independent (separate seed streams, each with its own warm-up removed),
-so the estimates are i.i.d. and a Student-t interval over them is valid even though the
-latencies inside one run are autocorrelated. With one replication no interval is given.
+so the estimates are i.i.d. even though the latencies inside one run are autocorrelated;
+every interval here takes its spread from the replications. With one replication no
+interval is given. The method depends on the quantity (`metric_kind`, `INTERVAL_METHODS`):
+
+- proportions (SLO attainment, hit rates, fractions, utilisation): Korn-Graubard, i.e.
+  Clopper-Pearson at the effective sample size that the replications' spread implies;
+  always inside [0, 1];
+- latency percentiles: the percentile of all replications' measured samples pooled, with a
+  Woodruff interval (the replications' spread of the empirical CDF at the estimate, turned
+  back into latencies through the pooled CDF). The mean of per-replication P99s is biased
+  low when replications are short (a percentile is not linear in the samples); the pooled
+  one is not, and its bounds are sample values, so never negative;
+- every other figure (means, rates, counts, bytes: all >= 0): Student-t, cut at 0. The
+  quantity cannot be negative, so cutting the interval there never lowers its coverage.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import numpy as np
 
 CI_LEVEL = 0.95
 CI_METHOD = "Student-t interval over independent replications (replication/deletion)"
+CI_METHOD_PER_METRIC = ("per metric, see interval_methods; replications are the independent unit "
+                        "(replication/deletion)")
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p99": 99.0, "p99_9": 99.9}
 
+T = "student-t over replications"
+NONNEGATIVE = "student-t over replications, cut at 0 (the quantity cannot be negative)"
+PROPORTION = ("Korn-Graubard: Clopper-Pearson at the effective sample size p(1-p)/var from the "
+              "replications' spread, t-adjusted (replications as the unit when they all agree); "
+              "inside [0, 1]")
+PERCENTILE = ("pooled percentile of every replication's measured samples; Woodruff interval: "
+              "t interval over replications of the empirical CDF at the estimate, inverted "
+              "through the pooled CDF (upper bound null: the data cannot bound it)")
+KINDS = {"real": T, "nonnegative": NONNEGATIVE, "proportion": PROPORTION, "percentile": PERCENTILE}
 
-def interval(values, level: float = CI_LEVEL) -> dict:
-    """Mean of per-replication estimates with its t confidence interval."""
+# Metric path pattern (dotted, as in `results.flat_metrics`) -> kind; the first match wins.
+METRIC_KINDS: list[tuple[str, str]] = [
+    ("e2e.p*_ms", "percentile"),
+    ("stages.*.p*_ms", "percentile"),
+    ("slo_attainment", "proportion"),
+    ("utilisation.*", "proportion"),
+    ("relay.*_rate", "proportion"),
+    ("relay.triggered_fraction", "proportion"),
+    ("hbm.emb_hit_rate", "proportion"),
+    ("hbm.emb_fraction_*", "proportion"),
+    ("*", "nonnegative"),
+]
+
+
+def metric_kind(path: str) -> str:
+    """The interval kind of a metric, by its dotted path (e.g. 'e2e.p99_ms')."""
+    return next(kind for pattern, kind in METRIC_KINDS if fnmatch.fnmatchcase(path, pattern))
+
+
+def interval_methods() -> dict[str, str]:
+    """What summary.json states as `interval_methods`: metric path pattern -> method."""
+    return {pattern: KINDS[kind] for pattern, kind in METRIC_KINDS}
+
+
+def _check(values, level: float) -> np.ndarray:
+    if not (isinstance(level, (int, float)) and 0 < level < 1):
+        raise ValueError(f"level must be in (0, 1) (got {level!r})")
     v = np.asarray(values, float)
+    if v.ndim != 1:
+        raise ValueError(f"values must be one number per replication (got shape {v.shape})")
+    return v
+
+
+def _t(level: float, df: int) -> float:
+    from scipy import stats          # lazily: scipy.stats costs a second to import
+    return float(stats.t.ppf(0.5 + level / 2, df))
+
+
+def interval(values, level: float = CI_LEVEL, kind: str = "real") -> dict:
+    """Mean of per-replication estimates with its confidence interval, by `kind`:
+    real (Student-t), nonnegative (Student-t cut at 0), proportion (Korn-Graubard, in
+    [0, 1]). No interval (lo = hi = None) with fewer than 2 replications or any that is
+    not finite (requests that never finished)."""
+    if kind not in ("real", "nonnegative", "proportion"):
+        raise ValueError(f"kind must be real, nonnegative or proportion (got {kind!r})")
+    v = _check(values, level)
     mean = float(np.mean(v)) if len(v) else math.nan
     lo = hi = None
     if len(v) >= 2 and np.all(np.isfinite(v)):
-        from scipy import stats          # lazily: scipy.stats costs a second to import
-        half = stats.t.ppf(0.5 + level / 2, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v))
-        lo, hi = mean - float(half), mean + float(half)
+        if kind == "proportion":
+            if np.any((v < 0) | (v > 1)):
+                raise ValueError("a proportion must lie in [0, 1] in every replication")
+            lo, hi = proportion_bounds(mean, float(np.var(v, ddof=1)) / len(v), len(v), level)
+        else:
+            half = _t(level, len(v) - 1) * float(np.std(v, ddof=1)) / math.sqrt(len(v))
+            lo, hi = mean - half, mean + half
+            if kind == "nonnegative":
+                if np.any(v < 0):
+                    raise ValueError("a nonnegative quantity is negative in a replication")
+                lo, hi = max(lo, 0.0), max(hi, 0.0)
     return {"mean": _finite(mean), "lo": lo, "hi": hi, "replications": [_finite(x) for x in v]}
+
+
+def proportion_bounds(p: float, var: float, replications: int,
+                      level: float = CI_LEVEL) -> tuple[float, float]:
+    """Korn-Graubard interval for a proportion `p` whose estimate has variance `var`
+    (from `replications` independent replications): Clopper-Pearson at the effective
+    sample size n = p(1-p)/var times (z/t)^2 for the replications' degrees of freedom.
+    When the replications all agree (var 0) their spread says nothing about the design
+    effect, and the replications themselves are the unit (n = replications)."""
+    from scipy import stats
+    p = min(max(p, 0.0), 1.0)
+    r = replications
+    n = p * (1 - p) / var if var > 0 and 0 < p < 1 else float(r)
+    n *= (float(stats.norm.ppf(0.5 + level / 2)) / _t(level, r - 1)) ** 2
+    x, a = p * n, (1 - level) / 2
+    lo = 0.0 if x <= 0 else float(stats.beta.ppf(a, x, n - x + 1))
+    hi = 1.0 if x >= n else float(stats.beta.ppf(1 - a, x + 1, n - x))
+    return min(lo, p), max(hi, p)
+
+
+def pooled_percentile(samples, q: float, level: float = CI_LEVEL) -> dict:
+    """The q-th percentile (0-100) of all replications' samples pooled, with a Woodruff
+    interval whose spread comes from the replications.
+
+    `samples`: one array per replication (inf for a request that never finished). With
+    F_i the fraction of replication i's samples at or under the pooled estimate, the
+    variance of the pooled CDF there is the ratio estimator's over replications; the
+    bounds are the pooled percentiles at q/100 -+ t se (never below the i.i.d. binomial
+    se, since queueing latencies are positively correlated). An upper level above 1 means
+    the data cannot bound the percentile from above: hi is None. "replications" lists the
+    per-replication percentiles (what one run of this length would show)."""
+    if not (isinstance(q, (int, float)) and 0 < q < 100):
+        raise ValueError(f"percentile must be in (0, 100) (got {q!r})")
+    _check([], level)
+    parts = [np.asarray(s, float).ravel() for s in samples]
+    if any(np.isnan(s).any() for s in parts):
+        raise ValueError("samples must not be NaN (an unfinished request is +inf)")
+    per_rep = [_percentile(s, q) for s in parts]
+    pooled = np.concatenate(parts) if parts else np.zeros(0)
+    out = {"mean": None, "lo": None, "hi": None, "replications": [_finite(x) for x in per_rep]}
+    if len(pooled) == 0:
+        return out
+    est = _percentile(pooled, q)
+    out["mean"] = _finite(est)
+    sizes = np.array([len(s) for s in parts], float)
+    if len(parts) < 2 or not math.isfinite(est) or np.any(sizes == 0):
+        return out
+    n_all, p = len(pooled), q / 100
+    below = np.array([np.count_nonzero(s <= est) for s in parts], float)
+    f = below.sum() / n_all
+    r = len(parts)
+    var = r / (r - 1) * float(np.sum((below - f * sizes) ** 2)) / n_all**2
+    # On the logit scale (a tail probability is skewed: the spread of 1 - F over
+    # replications is nearly log-normal; for an exponential tail logit F is linear in x).
+    half = _t(level, r - 1) * math.sqrt(max(var, p * (1 - p) / n_all)) / (p * (1 - p))
+    centre = math.log(p / (1 - p))
+    p_lo, p_hi = (1 / (1 + math.exp(-(centre + h))) for h in (-half, half))
+    lo = _percentile(pooled, 100 * p_lo)
+    hi = _percentile(pooled, 100 * p_hi) if p_hi <= 1 - 1 / n_all else math.inf
+    out["lo"], out["hi"] = _finite(lo), _finite(hi)
+    return out
+
+
+def _percentile(x: np.ndarray, q: float) -> float:
+    if len(x) == 0:
+        return math.nan
+    # Unfinished requests count as +inf; pick order statistics then, so no inf - inf.
+    method = "linear" if np.all(np.isfinite(x)) else "inverted_cdf"
+    return float(np.percentile(x, q, method=method))
+
+
+def trend(first, second, level: float = CI_LEVEL) -> dict:
+    """Change of the mean from the first to the second half of the measurement window:
+    `first`, `second` one array of latencies per replication. With 2 or more replications
+    a paired t interval over them; with one, a Welch t interval between 10 batch means of
+    each half (batches of consecutive requests, nearly independent when much longer than
+    the latency's correlation). lo = hi = None when a latency is not finite."""
+    first = [np.asarray(a, float) for a in first]
+    second = [np.asarray(b, float) for b in second]
+    if len(first) != len(second) or not first or any(len(a) == 0 for a in first + second):
+        raise ValueError("trend needs both halves of every replication, none empty")
+    if len(first) >= 2:
+        return interval([np.mean(b) - np.mean(a) for a, b in zip(first, second)], level)
+    a, b = first[0], second[0]
+    diff = float(np.mean(b) - np.mean(a)) if np.all(np.isfinite(a)) and np.all(np.isfinite(b)) else math.nan
+    out = {"mean": _finite(diff), "lo": None, "hi": None, "replications": [_finite(diff)]}
+    k = min(10, len(a), len(b))
+    if not math.isfinite(diff) or k < 2:
+        return out
+    ma = np.array([x.mean() for x in np.array_split(a, k)])
+    mb = np.array([x.mean() for x in np.array_split(b, k)])
+    va, vb = ma.var(ddof=1) / k, mb.var(ddof=1) / k
+    if va + vb == 0:
+        out["lo"] = out["hi"] = diff
+        return out
+    df = (va + vb) ** 2 / (va**2 / (k - 1) + vb**2 / (k - 1))
+    half = _t(level, df) * math.sqrt(va + vb)
+    out["lo"], out["hi"] = diff - half, diff + half
+    return out
 
 
 def prediction_interval(values, level: float = CI_LEVEL) -> tuple[float, float, float]:
@@ -38,8 +212,7 @@ def prediction_interval(values, level: float = CI_LEVEL) -> tuple[float, float, 
     m = float(v.mean())
     if len(v) < 2 or not np.all(np.isfinite(v)):
         return math.exp(m), math.nan, math.nan
-    from scipy import stats
-    h = float(stats.t.ppf(0.5 + level / 2, len(v) - 1)) * float(v.std(ddof=1)) * math.sqrt(1 + 1 / len(v))
+    h = _t(level, len(v) - 1) * float(v.std(ddof=1)) * math.sqrt(1 + 1 / len(v))
     return math.exp(m), math.exp(m - h), math.exp(m + h)
 
 
@@ -47,7 +220,6 @@ def describe(samples: np.ndarray) -> dict[str, float]:
     """Mean and the standard percentiles of one replication's samples (inf allowed)."""
     if len(samples) == 0:
         return {"mean_ms": math.nan, **{f"{k}_ms": math.nan for k in PERCENTILES}}
-    # Unfinished requests count as +inf; pick order statistics then, so no inf - inf.
     method = "linear" if np.all(np.isfinite(samples)) else "inverted_cdf"
     pct = np.percentile(samples, list(PERCENTILES.values()), method=method)
     return {"mean_ms": float(np.mean(samples)),
