@@ -15,21 +15,25 @@ class InputError(Exception):
     """
 
     def __init__(self, message: str, source: str | None = None, path: str | None = None,
-                 line: int | None = None):
+                 line: int | None = None, others: tuple["InputError", ...] = ()):
         self.message = message
         self.source = source
         self.path = path
         self.line = line
+        self.others = tuple(others)      # further errors of the same input, a line each
         super().__init__(str(self))
 
     def __reduce__(self):
         """Keep the fields when the error crosses a process boundary (pool workers)."""
-        return (type(self), (self.message, self.source, self.path, self.line))
+        return (type(self), (self.message, self.source, self.path, self.line, self.others))
 
-    def __str__(self) -> str:
+    def one_line(self) -> str:
         where = ""
         if self.source:
             where = self.source + (f":{self.line}" if self.line else "")
         prefix = " ".join(p for p in (where, self.path) if p)
         text = f"{prefix}: {self.message}" if prefix else self.message
         return text.replace("\n", "\\n")     # always one line (a path may hold a newline)
+
+    def __str__(self) -> str:
+        return "\n".join([self.one_line(), *(o.one_line() for o in self.others)])

@@ -82,7 +82,8 @@ def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
 
 class _Loader(yaml.SafeLoader):
     """The safe loader, stopping at MAX_DEPTH while composing (long before Python's
-    recursion limit, whose RecursionError takes seconds to unwind)."""
+    recursion limit, whose RecursionError takes seconds to unwind), and reading numbers as
+    YAML 1.2 does (`40e9` and `1e-3` are floats; YAML 1.1 wants a dot)."""
 
     depth = 0
 
@@ -96,6 +97,12 @@ class _Loader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def check_tree(root: yaml.Node, source: str) -> None:
@@ -169,25 +176,157 @@ def _located(e: InputError, source: str, root: yaml.Node | None,
 
 def validate(data: dict, source: str = "<scenario>", root: yaml.Node | None = None,
              overridden: list[list[str]] = ()) -> Scenario:
-    """Validate a scenario mapping, turning the first error into one InputError line."""
+    """Validate a scenario mapping; every error becomes one line of one InputError (the
+    first is its message, the rest `others`), each with its path and line."""
+    data = with_byte_units(data, source, root, overridden)
     try:
         return Scenario.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(p) for p in err["loc"]]
-        loc = _drop_union_tags(data, loc)
-        message = _message(err)
-        m = _PATH_PREFIX.match(message)
-        if not loc and m:  # cross-field check that names its own path
-            loc, message = m.group(1).split("."), m.group(2)
-        more = len(e.errors()) - 1
-        if more:
-            message += f" (and {more} more error{'s' if more > 1 else ''})"
-        n = len(loc)
-        if loc and any(loc[:len(k)] == k or k[:n] == loc for k in overridden):
-            raise InputError(message, "--set", ".".join(loc)) from None
-        line = _line_of(root, loc) if root is not None else None
-        raise InputError(message, source, ".".join(loc) or None, line) from None
+        errors, seen = [], set()
+        for err in e.errors():
+            one = _error_line(err, data, source, root, overridden)
+            if str(one) not in seen:
+                seen.add(str(one))
+                errors.append(one)
+        errors.sort(key=lambda x: (x.line is None, x.line or 0))   # file order (stable)
+        first = errors[0]
+        raise InputError(first.message, first.source, first.path, first.line,
+                         tuple(errors[1:])) from None
+
+
+def _error_line(err: dict, data: dict, source: str, root, overridden) -> InputError:
+    raw = [str(p) for p in err["loc"]]
+    loc = _drop_union_tags(data, raw)
+    message = _message(err)
+    m = _PATH_PREFIX.match(message)
+    if not loc and m:  # cross-field check that names its own path
+        loc, message = m.group(1).split("."), m.group(2)
+    if err["type"] == "extra_forbidden":
+        message = _unknown_key(raw, loc[-1])
+    stage = _misspelt_stage(data, loc)
+    if stage is not None:
+        loc, message = ["stages", stage[0]], f"unknown stage {stage[0]!r}; did you mean {stage[1]!r}?"
+    named = re.search(r"no stage named '([^']*)'", message)
+    if named:
+        message += _did_you_mean(named.group(1), (data.get("stages") or {}).keys())
+    n = len(loc)
+    if loc and any(loc[:len(k)] == k or k[:n] == loc for k in overridden):
+        return InputError(message, "--set", ".".join(loc))
+    line = _line_of(root, loc) if root is not None else None
+    return InputError(message, source, ".".join(loc) or None, line)
+
+
+def _did_you_mean(name: str, known) -> str:
+    import difflib
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _unknown_key(raw_loc: list[str], key: str) -> str:
+    """'unknown key', with the closest allowed key of the model the mapping belongs to."""
+    fields = _model_fields(raw_loc[:-1])
+    return f"unknown key {key!r}" + (_did_you_mean(key, fields) if fields else "")
+
+
+def _model_fields(raw_loc: list[str]) -> list[str]:
+    """The field names of the pydantic model at a pydantic error location (discriminator
+    tags included), or [] where the walk cannot tell."""
+    import typing
+    from pydantic import BaseModel
+    tp: Any = Scenario
+    for part in raw_loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part)
+            if field is None:
+                return []
+            tp = field.annotation
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        elif typing.get_origin(tp) in (list, tuple):
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is typing.Union:
+            members = [m for m in map(_unwrap, typing.get_args(tp))
+                       if isinstance(m, type) and issubclass(m, BaseModel)
+                       and "kind" in m.model_fields
+                       and part in typing.get_args(m.model_fields["kind"].annotation)]
+            if not members:
+                return []
+            tp = members[0]
+        else:
+            return []
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return list(tp.model_fields)
+    return []
+
+
+def _unwrap(tp):
+    """Strip Annotated and Optional."""
+    import typing
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin is typing.Union and type(None) in typing.get_args(tp):
+            rest = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+        else:
+            return tp
+
+
+def _misspelt_stage(data: dict, loc: list[str]) -> tuple[str, str] | None:
+    """A stage with no service whose name is close to another stage's: a typo (most often
+    in --set), reported as such instead of as its missing fields."""
+    stages = data.get("stages")
+    if len(loc) < 2 or loc[0] != "stages" or not isinstance(stages, dict):
+        return None
+    name = loc[1]
+    entry = stages.get(name)
+    if not isinstance(entry, dict) or "service" in entry:
+        return None
+    hint = _did_you_mean(name, [k for k, v in stages.items() if k != name and isinstance(v, dict)
+                                and "service" in v])
+    return (name, hint[len("; did you mean '"):-2]) if hint else None
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BYTE_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.I)
+
+
+def with_byte_units(data: Any, source: str = "<scenario>", root=None, overridden=(),
+                    path: tuple = ()) -> Any:
+    """Byte sizes may carry units: a string value of a key ending in `_bytes` ("40GB",
+    "512 MiB", "1.5TB") becomes an integer number of bytes. Returns a copy where needed."""
+    if isinstance(data, dict):
+        out = None
+        for k, v in data.items():
+            if isinstance(v, str) and str(k).endswith("_bytes"):
+                new = _byte_size(v, source, root, overridden, [*path, str(k)])
+            else:
+                new = with_byte_units(v, source, root, overridden, (*path, str(k)))
+            if new is not v:
+                out = dict(data) if out is None else out
+                out[k] = new
+        return data if out is None else out
+    if isinstance(data, list):
+        new = [with_byte_units(v, source, root, overridden, (*path, str(i))) for i, v in enumerate(data)]
+        return data if all(a is b for a, b in zip(new, data)) else new
+    return data
+
+
+def _byte_size(text: str, source: str, root, overridden, loc: list[str]) -> Any:
+    m = _BYTE_SIZE.match(text)
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _BYTE_UNITS:
+        message = (f"{text!r} is not a byte size (a number with an optional unit: B, kB, MB, "
+                   f"GB, TB, KiB, MiB, GiB, TiB)")
+        if any(loc[:len(k)] == k for k in overridden):
+            raise InputError(message, "--set", ".".join(loc))
+        raise InputError(message, source, ".".join(loc), _line_of(root, loc) if root is not None else None)
+    value = float(m.group(1)) * _BYTE_UNITS[unit]
+    return int(value) if value == int(value) and value < 2**63 else value
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -139,7 +139,9 @@ STAGE_ONLY = ("mean_wait_ms", "mean_service_ms", "mean_batch")
 TOTALS = ("throughput_rps", "goodput_rps", "slo_attainment", "offered_rps")
 RELAY = ("prefix_hit_rate", "hbm_hit_rate", "dram_hit_rate", "remote_fetch_rate", "triggered_fraction",
          "pre_infer.admitted", "pre_infer.used", "pre_infer.wasted", "pre_infer.cancelled",
-         "pre_infer.rejected", "hbm.evictions", "hbm.expired", "dram.hits", "dram.drops")
+         "pre_infer.rejected", "pre_infer.ran", "device_ms.pre_infer", "device_ms.ranking",
+         "device_ms.pre_infer_share", "declined.dram_reload", "declined.remote_fetch",
+         "hbm.evictions", "hbm.expired", "dram.hits", "dram.drops")
 HBM = ("emb_hit_rate", "emb_ms_mean", "emb_fraction_mean", "emb_fraction_min", "emb_fraction_max",
        "boundary_moves", "emb_miss_bytes", "emb_refill_bytes", "emb_dropped_bytes", "gather_extrapolated")
 

@@ -86,7 +86,7 @@ def test_help_has_examples():
 BAD = [
     # (edit applied to GOOD, expected stderr line with {p} for the scenario path)
     (("    batch: {max_size: 4, max_wait_ms: 1}", "    batch: {max_sz: 4, max_wait_ms: 1}"),
-     "{p}:11 stages.back.batch.max_sz: unknown key"),
+     "{p}:11 stages.back.batch.max_sz: unknown key 'max_sz'; did you mean 'max_size'?"),
     (("  rate_qps: 200", "  rate_qps: fast"),
      "{p}:3 workload.rate_qps: input should be a valid number, unable to parse string as a "
      "number (got 'fast')"),
@@ -152,7 +152,7 @@ def test_bad_overrides_and_flags(tmp_path):
     assert r.exit_code == 1
     assert r.stderr.strip() == "--set stages.back.batch.max_size: must be > 0 (got 0)"
     r = invoke("run", scen, "--set", "stages.back.colour=blue")
-    assert r.stderr.strip() == "--set stages.back.colour: unknown key"
+    assert r.stderr.strip() == "--set stages.back.colour: unknown key 'colour'"
     r = invoke("run", scen, "--bogus")
     assert r.exit_code == 1
     assert r.stderr.strip().startswith("error: ") and "--bogus" in r.stderr

@@ -73,11 +73,14 @@ def mutate(data, path, how, value):
 
 
 def outcome(load) -> None:
-    """A valid load, or an InputError whose message is one line."""
+    """A valid load, or an InputError of one line per error (each error's own text is one
+    line; a scenario with several errors lists them all)."""
     try:
         load()
     except InputError as e:
-        assert "\n" not in str(e), str(e)
+        for one in (e, *e.others):
+            assert "\n" not in one.one_line(), str(e)
+        assert len(str(e).splitlines()) == 1 + len(e.others), str(e)
 
 
 def write(text: str | bytes, name: str = "s.yaml") -> Path:
