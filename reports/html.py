@@ -28,6 +28,7 @@ th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 tr:nth-child(even) td { background: #fafafa; }
 td.fail { color: #b03a2e; font-weight: 600; } td.pass { color: #1e8449; }
 td.undecided { color: #b9770e; }
+td.text { text-align: left; white-space: normal; word-break: break-all; }
 .note { background: #fff8e1; border-left: 4px solid #f4d03f; padding: 0.4em 0.8em; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }

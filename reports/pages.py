@@ -98,7 +98,7 @@ def run_identity(summary: dict) -> str:
             ["effective scenario sha256", ident.get("sha256") or MISSING],
             ["simrec version", version.get("simrec") or summary.get("simrec_version") or MISSING],
             ["git commit", version.get("git_commit") or MISSING]]
-    return table(["item", "value"], rows)
+    return table(["item", "value"], rows, lambda i, j: "text")   # words, not figures: left-aligned
 
 
 def _quote(arg: str) -> str:

@@ -31,12 +31,12 @@ _LAZY = {
 
 __all__ = sorted([*_LAZY, "__version__", "version_info"])
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .errors import InputError
-    from .loader import load_scenario, with_overrides
-    from .results import Results
-    from .scenario import Scenario
-    from .simulate import simulate
+if TYPE_CHECKING:  # pragma: no cover  (names for type checkers; loaded lazily below)
+    from .errors import InputError  # noqa: F401
+    from .loader import load_scenario, with_overrides  # noqa: F401
+    from .results import Results  # noqa: F401
+    from .scenario import Scenario  # noqa: F401
+    from .simulate import simulate  # noqa: F401
 
 
 class _Package(types.ModuleType):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import os
 import threading
 from pathlib import Path
@@ -126,7 +127,8 @@ def test_names_from_scenarios_stay_inside_results(home, name):
     r = invoke("run", home / "s.yaml")
     assert r.exit_code == 0, r.stderr
     made = list((home / "results").iterdir())
-    assert len(made) == 1 and made[0].name == safe_name(name)
+    # the default folder is <safe name>-<8 hex of the effective scenario and seed>
+    assert len(made) == 1 and re.fullmatch(re.escape(safe_name(name)) + r"-[0-9a-f]{8}", made[0].name)
     assert {k: v for k, v in snapshot(home).items() if not k.startswith("results")} == before
 
 
