@@ -76,6 +76,7 @@ def latency_cdf(req: pd.DataFrame, slo_ms: float | None, name: str = "") -> Figu
     if len(lat):
         tail.set_yscale("log")
         tail.set_ylim(0.5 / len(lat), 1.05)
+        plain_log_axis(tail.yaxis)          # reports render without mathtext (parse_math off)
     else:
         ax.text(0.5, 0.5, "no measured requests", ha="center", transform=ax.transAxes)
     ax.legend(loc="lower right", fontsize=8)
