@@ -24,7 +24,7 @@ import numpy as np
 import simpy
 
 from . import scenario as sc
-from . import service
+from . import history_store, service
 from .interference import timelines
 from .partition import start_controllers
 from .relay import Relay, build_relay, relay_worker
@@ -88,6 +88,7 @@ class Replication:
     warmup_ms: float = 0.0                  # the measurement window is [warmup_ms, end_ms]
     engine: str = "simpy"                   # the engine that ran it
     engine_note: str | None = None          # why the fast engine did not (None: it did, or not asked)
+    history: dict | None = None             # per stage with a history store: its HistoryRecords
 
     def columns(self, name: str, rows: slice = slice(None)) -> dict[str, np.ndarray]:
         """A stage's full record columns (of `rows`): node, enter_ms, start_ms, service_ms,
@@ -229,6 +230,10 @@ def prepare(scenario: sc.Scenario, index: int) -> Prepared:
     if scenario.relay is not None:
         stage = next(s for s in stages if s.name == scenario.relay.stage)
         relay = build_relay(scenario, stage, len(reqs), rngs[-1])
+    for k, (s, cfg) in enumerate(zip(stages, scenario.stages.values())):
+        if cfg.history_store is not None:
+            s.history = history_store.build(cfg.history_store, scenario.workload, reqs, len(s.nodes),
+                                            scenario.run.seed, index, k)
     cut = warmup_cut_ms(scenario, reqs.arrival_ms)
     end_ms = float(reqs.arrival_ms[-1]) if len(reqs) else 0.0
     for s in stages:
@@ -357,9 +362,11 @@ def run_simpy(scenario: sc.Scenario, prep: Prepared, index: int) -> Replication:
         all_done.succeed()
     env.run(until=simpy.AnyOf(env, [all_done, env.timeout(stop_ms(end_ms))]))
     now = float(env.now)
-    return Replication(index, reqs, completion, recs, timeseries(samples, relay),
-                       *busy_totals(stages, now), end_ms, now, prep.extrapolated, relay,
-                       prep.warmup_ms, "simpy")
+    rep = Replication(index, reqs, completion, recs, timeseries(samples, relay),
+                      *busy_totals(stages, now), end_ms, now, prep.extrapolated, relay,
+                      prep.warmup_ms, "simpy")
+    rep.history = {s.name: s.history.records for s in stages if s.history is not None} or None
+    return rep
 
 
 def busy_totals(stages: list[Stage], now: float) -> tuple[dict, dict]:

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from . import scenario as sc
 from . import __version__ as VERSION
 from . import version_info
+from . import history_store
 from .cascade import Replication, warmup_cut_ms
 from .folders import atomic_folder, safe_name
 from .relay import (ADMITTED, DRAM, HIT, PRE_OUTCOMES, PREFIX_OUTCOMES, REJECTED, REMOTE)
@@ -78,6 +79,7 @@ def replication_metrics(scenario: sc.Scenario, rep: Replication) -> dict:
         per_node = (rep.window_busy_ms[name] / window_ms).tolist()
         out["utilisation"][name] = {"stage": float(np.mean(per_node)),
                                     "nodes": per_node}
+    out.update(history_store.metrics(rep, measured))      # stages with a history store
     if rep.relay is not None:
         out["relay"] = relay_metrics(rep, measured)
         if rep.relay.hbm is not None:
@@ -364,6 +366,7 @@ def requests_part(scenario: sc.Scenario, rep: Replication, rows: slice = slice(N
             cols[f"{name}_emb_ids"] = hbm.ids[rows]
             cols[f"{name}_emb_misses"] = hbm.misses[rows]
             cols[f"{name}_emb_ms"] = hbm.emb_ms[rows]
+    cols.update(history_store.columns(rep, rows))         # stages with a history store
     return pa.table(cols)
 
 

@@ -133,16 +133,43 @@ class TableService(Strict):
     profile: str | None = Field(None, description=PROFILE_HELP)
 
 
+class SummaryStore(Strict):
+    """VISTA's store of users' summaries (k tokens of width d, computed from the history):
+    each ranking fetches its user's summary; a summary older than `refresh_s` is stale and
+    is recomputed nearline (off the ranking path) or on the critical path (`vista_summarize`
+    runs before the ranking)."""
+
+    fetch_latency_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS)] = Field(
+        0.3, description="latency of one summary fetch")
+    fetch_gbps: Annotated[PosFloat, Field(le=1e6)] = Field(
+        10.0, description="bandwidth of the summary fetch, GB/s")
+    refresh_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = Field(
+        3600.0, description="a summary older than this is recomputed")
+    on_stale: Literal["nearline", "critical_path"] = Field(
+        "nearline", description="where a stale or missing summary is recomputed")
+
+
 class GRService(Strict):
     """A generative-recommendation ranking model, costed phase by phase from a cost table.
 
-    Without relay every request costs `full_forward(L, M)`. With a `relay` block on this
-    stage a request costs `rank_cached(L, M)` when its prefix is in HBM, plus
-    `prefix_reload(L)` when it comes back from DRAM; pre-infer jobs cost `prefix_encode(L)`.
+    The table's architecture (its manifest's model.arch) sets the phases a request costs:
+    transformer / hstu `full_forward(L, M)` (with a `relay` block: `rank_cached(L, M)` on a
+    cached prefix, plus `prefix_reload(L)` from DRAM; pre-infer jobs `prefix_encode(L)`);
+    stca `stca_history_encode(L) + stca_target_attend(L, M)` with RLB, else
+    `stca_per_target(L, M)`; laser `laser_history_encode(L) + laser_sta_rank(L, M)`; vista
+    a summary fetch + `vista_rank_summary(M)` (+ `vista_summarize(L)` when the summary is
+    stale and `summary.on_stale` is critical_path).
     """
 
     kind: Literal["gr"]
     table: str
+    arch: Literal["transformer", "hstu", "stca", "vista", "laser"] | None = Field(
+        None, description="the table's architecture, checked against its manifest (default: "
+                          "whatever the table holds)")
+    rlb: bool = Field(True, description="stca: encode the user side once per request "
+                                        "(request-level batching) or once per target")
+    summary: SummaryStore | None = Field(
+        None, description="vista: the summary store (defaults when absent)")
     condition: str = "isolated"
     extrapolate: bool = False
     kv_bytes_per_token: Annotated[PosInt, Field(le=2**30)] | None = Field(
@@ -181,9 +208,41 @@ class RooflineService(Strict):
         0.0, description="lognormal noise around the roofline time")
 
 
+class KernelsModel(Strict):
+    """The ranking model a `kernels` service costs: its operator graph (simrec.operators)."""
+
+    arch: Literal["transformer", "hstu"] = "transformer"
+    layers: Annotated[PosInt, Field(le=10_000)] = 8
+    d_model: Annotated[PosInt, Field(le=10**6)] = 512
+    heads: Annotated[PosInt, Field(le=10_000)] = 8
+    ffn: Annotated[PosInt, Field(le=10**7)] | None = Field(None, description="default: 4 x d_model")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    short_term_tokens: Annotated[Int, Field(ge=0, le=MAX_HISTORY_LEN)] = 32
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model {self.d_model} is not a multiple of heads {self.heads}")
+        return self
+
+
+class KernelsService(Strict):
+    """GR phase costs composed from a measured kernel table (simrec.kernel_model): each phase
+    is its operator graph, every operator looked up in `table`'s kernels.parquet, plus the
+    device's per-launch host overhead fitted on the phase tables of `table` (and of
+    `overhead_from`, tables of the same device). Costs shapes nobody benchmarked."""
+
+    kind: Literal["kernels"]
+    table: str = Field(description="a folder holding kernels.parquet and manifest.json (and the "
+                                   "phase table the overhead is fitted on), or a built-in name")
+    model: KernelsModel = KernelsModel()
+    overhead_from: tuple[str, ...] = Field((), description="more tables of the same device: their "
+                                           "kernels and phases join the lookup and the fit")
+
+
 ServiceModel = Annotated[
     Union[ConstantService, ExponentialService, LognormalService, EmpiricalService, TableService,
-          GRService, RooflineService],
+          GRService, RooflineService, KernelsService],
     Field(discriminator="kind")]
 
 
@@ -337,6 +396,55 @@ class Interference(Strict):
     nodes_per_host: Annotated[PosInt, Field(le=MAX_NODES)] = 1
 
 
+class HistoryTier(Strict):
+    """A local tier of a history store (DRAM or SSD): fetching B bytes from it takes
+    latency_ms + B / (gbps x 1e6) ms and cpu_ms of the node's time."""
+
+    capacity_bytes: Annotated[PosInt, Field(description="bytes of user history this tier holds "
+                                                        "(per node, or for the stage with scope: shared)")]
+    latency_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS, description="fixed time of one fetch from this tier")]
+    gbps: Annotated[PosFloat, Field(description="read bandwidth of this tier, GB/s (1e9 bytes per second)")]
+    cpu_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS, description="pre-processing node time one fetch "
+                                                                     "from this tier costs (lookup, copy, decode)")]
+
+
+class RemoteTier(Strict):
+    """The remote store (a remote KV service) that holds every user's history."""
+
+    latency_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS, description="fixed time of one remote fetch (RPC round trip)")]
+    gbps: Annotated[PosFloat, Field(description="effective bandwidth of a remote fetch, GB/s")]
+    cpu_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS, description="pre-processing node time one remote "
+                                                                     "fetch costs (RPC, deserialisation)")]
+
+
+class HistoryTiers(Strict):
+    dram: HistoryTier | None = Field(None, description="the DRAM tier; omit for none")
+    ssd: HistoryTier | None = Field(None, description="the SSD tier; omit for none")
+    remote: RemoteTier = Field(description="the remote store every miss goes to (omit dram and ssd "
+                                           "for the remote-only baseline)")
+
+
+class HistoryStore(Strict):
+    """A tiered user-history store on a stage's nodes (SeqVault-style, LASER arXiv 2602.11562;
+    history_store.py). Each job fetches its user's history (bytes_per_token x L bytes) from
+    the tier that holds it; the fetch time and the tier's CPU cost add to the job's service
+    time on its node."""
+
+    bytes_per_token: Annotated[PosInt, Field(le=2**30, description="history bytes per token of L")]
+    placement: Literal["lru", "static"] = Field(
+        "lru", description="lru: users by bytes, promoted to DRAM on access, demoted DRAM -> SSD -> "
+                           "out; static: the most popular users (the workload's Zipf ranking) fill "
+                           "DRAM, then SSD, and stay")
+    scope: Literal["node", "shared"] = Field(
+        "node", description="node: each node has its own tiers of these capacities; shared: one store "
+                            "of these capacities for the whole stage")
+    warm_start: bool = Field(
+        True, description="lru: the tiers start full, in a draw of LRU's stationary state under the "
+                          "popularity model, as in a store that has long been serving; false: "
+                          "they start empty (compulsory misses then fall in the run)")
+    tiers: HistoryTiers = Field(description="dram, ssd (optional) and remote (required)")
+
+
 class Stage(Strict):
     nodes: NodePool = NodePool()
     router: Literal["shared", "delay", "random", "round_robin", "least_loaded", "power_of_two",
@@ -356,6 +464,9 @@ class Stage(Strict):
         0.0, description="network latency to the next stage")
     interference: Interference | None = Field(
         None, description="slow episodes on this stage's nodes, on top of a profile's own")
+    history_store: HistoryStore | None = Field(
+        None, description="a tiered user-history store on this stage's nodes (DRAM, SSD, remote); "
+                          "each job's fetch and the store's CPU cost add to its service time")
 
 
 class NoTrigger(Strict):
@@ -632,7 +743,7 @@ class Scenario(Strict):
             if dev is not None and dev not in self.devices and dev not in PRESETS:
                 raise ValueError(f"stages.{name}.service.device: unknown device {dev!r} (known: {known})")
             measured = _table_device(stage.service.table) if isinstance(
-                stage.service, (TableService, GRService)) else None
+                stage.service, (TableService, GRService, KernelsService)) else None
             node = stage.nodes.device
             if measured is not None and node in PRESETS and node not in self.devices and measured != node:
                 raise ValueError(f"stages.{name}.service.table: measured on {measured}, but the "
@@ -656,6 +767,12 @@ class Scenario(Strict):
         if self.relay is not None:
             self._check_relay(self.relay)
         for name, stage in self.stages.items():
+            if stage.history_store is not None and stage.router == "delay":
+                raise ValueError(f"stages.{name}.history_store: a delay stage has no nodes to hold "
+                                 f"a store; use a queueing router")
+            if stage.history_store is not None and self.relay is not None and self.relay.stage == name:
+                raise ValueError(f"stages.{name}.history_store: not modelled on the relay stage; put "
+                                 f"it on a stage before it (pre-processing)")
             if stage.router == "hbm_aware" and (self.relay is None or self.relay.stage != name):
                 raise ValueError(f"stages.{name}.router: hbm_aware routes a relay stage "
                                  f"(needs a relay block with stage {name!r})")
@@ -667,9 +784,9 @@ class Scenario(Strict):
         if relay.stage not in self.stages:
             raise ValueError(f"relay.stage: no stage named {relay.stage!r}")
         stage = self.stages[relay.stage]
-        if stage.service.kind not in ("gr", "roofline"):
-            raise ValueError(f"relay.stage: stage {relay.stage!r} needs service kind 'gr' or "
-                             f"'roofline' (phase costs)")
+        if stage.service.kind not in ("gr", "roofline", "kernels"):
+            raise ValueError(f"relay.stage: stage {relay.stage!r} needs service kind 'gr', "
+                             f"'roofline' or 'kernels' (phase costs)")
         if stage.router in ("shared", "delay"):
             raise ValueError(f"stages.{relay.stage}.router: a relay stage needs per-instance queues")
         before = names[:names.index(relay.stage)]
@@ -782,6 +899,9 @@ def _kv_bytes_per_token(service) -> int | None:
         return m.layers * 2 * m.d_model * m.dtype_bytes
     if isinstance(service, GRService):
         return _manifest_kv_bytes(service.table)
+    if isinstance(service, KernelsService):
+        m = service.model
+        return m.layers * 2 * m.d_model * (4 if m.dtype == "float32" else 2)
     return None
 
 

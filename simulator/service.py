@@ -89,22 +89,64 @@ class FromTable:
         return self.curve.median_ms(L, M, self._memo)
 
 
+# The phases one ranking costs, per architecture (the serving path; calibration/FORMAT.md).
+SERVING_PATH = {"transformer": ("full_forward",), "hstu": ("full_forward",),
+                "stca": ("stca_history_encode", "stca_target_attend"),
+                "stca/per_target": ("stca_per_target",),
+                "laser": ("laser_history_encode", "laser_sta_rank"),
+                "vista": ("vista_rank_summary",)}
+RELAY_ARCHS = ("transformer", "hstu")
+
+
+def serving_arch(table, arch: str | None, rlb: bool, where: str) -> str:
+    """The key of SERVING_PATH for a table and a service's `arch` / `rlb`."""
+    have = str(table.manifest.model.get("arch", "transformer"))
+    if arch is not None and arch != have:
+        raise InputError(f"arch {arch!r} does not match the table's model arch {have!r}",
+                         str(table.path), f"{where}.arch")
+    if have not in SERVING_PATH:
+        raise InputError(f"the table's model arch {have!r} has no serving path "
+                         f"(known: {', '.join(a for a in SERVING_PATH if '/' not in a)})", str(table.path))
+    return "stca/per_target" if have == "stca" and not rlb else have
+
+
 class GRPhases:
     """A GR ranking model's phase costs from one table (one draw stream for all phases).
 
-    `sample(L, M)` is the full forward pass, so a GR stage without relay behaves like a
-    table stage; the relay asks for single phases and for medians (its predictions).
+    `sample(L, M)` is one ranking along the architecture's serving path (transformer and
+    HSTU: the full forward pass, so a GR stage without relay behaves like a table stage);
+    the relay asks for single phases and for medians (its predictions). A VISTA model adds
+    its summary store: `refresh(batch, now)` is the stale summaries' critical-path time.
     """
 
     RELAY_PHASES = ("prefix_encode", "rank_cached", "prefix_reload")
 
     def __init__(self, table, condition: str, rng: np.random.Generator, extrapolate: bool,
-                 where: str, kv_bytes_per_token: int | None, relay: bool):
-        phases = ("full_forward", *self.RELAY_PHASES) if relay else ("full_forward",)
+                 where: str, kv_bytes_per_token: int | None, relay: bool,
+                 arch: str | None = None, rlb: bool = True, summary=None):
+        self.arch = serving_arch(table, arch, rlb, where)
+        if relay and self.arch not in RELAY_ARCHS:
+            raise InputError(f"relay needs a transformer or hstu table (prefix K/V phases); "
+                             f"this table's arch is {self.arch!r}", None, where)
+        self.path = SERVING_PATH[self.arch]
+        phases = (*self.path, *self.RELAY_PHASES) if relay else self.path
+        if self.arch == "vista":
+            phases = (*phases, "vista_summarize")
         try:
             self.curves = {p: table.curve(p, condition) for p in phases}
         except InputError as e:
             raise InputError(e.message, e.source, where) from None
+        if self.arch == "vista":
+            from .scenario import SummaryStore
+            self.summary = summary or SummaryStore()
+            model = table.manifest.model
+            k, d = int(model.get("summary_tokens", 128)), int(model.get("d_model", 1024))
+            nbytes = k * d * (4 if model.get("dtype") == "float32" else 2)
+            self.fetch_ms = self.summary.fetch_latency_ms + nbytes / (self.summary.fetch_gbps * 1e9) * 1e3
+            self.summarised: dict[int, float] = {}      # user -> when its summary was computed
+            self.stale = 0                               # stale or missing summaries met
+            self.nearline_ms = 0.0                       # their recompute time, off the ranking path
+            self.refresh = self._vista_refresh           # the stage workers' hook
         self.extrapolate, self.where = extrapolate, where
         self._u = Draws(rng, lambda r, n: r.uniform(0, 1, n))
         self._memos = {p: c.new_memo() for p, c in self.curves.items()}     # this replication's
@@ -121,7 +163,27 @@ class GRPhases:
                    for p, c in self.curves.items())
 
     def sample(self, L: int, M: int) -> float:
-        return self.curves["full_forward"].sample_ms(L, M, self._u.next(), self._memos["full_forward"])
+        t = 0.0
+        for p in self.path:
+            t += self.curves[p].sample_ms(L, M, self._u.next(), self._memos[p])
+        return t + self.fetch_ms if self.arch == "vista" else t
+
+    def _vista_refresh(self, batch, now: float) -> float:
+        """VISTA (as `refresh`): count the batch's stale or missing summaries; recompute them (their time
+        on the critical path, or nearline); returns the critical-path time."""
+        t, refresh_ms = 0.0, self.summary.refresh_s * 1e3
+        for job in batch:
+            when = self.summarised.get(job.user)
+            if when is not None and now - when <= refresh_ms:
+                continue
+            self.stale += 1
+            self.summarised[job.user] = now
+            s = self.phase("vista_summarize", job.L)
+            if self.summary.on_stale == "critical_path":
+                t += s
+            else:
+                self.nearline_ms += s
+        return t
 
     def phase(self, name: str, L: int, M: int = 0) -> float:
         return self.curves[name].sample_ms(L, M, self._u.next(), self._memos[name])
@@ -196,8 +258,11 @@ def _build(model: sc.ServiceModel, rng: np.random.Generator, where: str,
         except InputError as e:
             raise InputError(e.message, e.source, where) from None
         return GRPhases(table, model.condition, rng, model.extrapolate, where,
-                        model.kv_bytes_per_token, relay)
+                        model.kv_bytes_per_token, relay, model.arch, model.rlb, model.summary)
     if isinstance(model, sc.RooflineService):
         from .roofline import RooflinePhases
         return RooflinePhases.from_config(model, device, rng, where)
+    if isinstance(model, sc.KernelsService):
+        from .kernel_model import KernelPhases
+        return KernelPhases.from_config(model, rng, where)
     raise TypeError(model)

@@ -121,6 +121,7 @@ class Stage:
     candidates: int | None
     router: str = "round_robin"            # the scenario's router kind (shared, delay, ...)
     armed: "Armed | None" = None           # shared queue: the nodes waiting for work
+    history: object = None                 # history_store.HistoryStore of this stage, or None
 
 
 def batch_service_ms(stage: Stage, batch: list[Job]) -> float:
@@ -136,6 +137,7 @@ def node_worker(env: simpy.Environment, stage: Stage, node: Node):
     """Serve the node's queue forever, one batch at a time."""
     queue, max_batch, max_wait = node.queue, stage.max_batch, stage.max_wait_ms
     bind = getattr(stage.service, "bind", None)     # a cost model that depends on the node's state
+    refresh = getattr(stage.service, "refresh", None)   # a cost model with per-user state
     armed = stage.armed
     while True:
         while not queue:   # a shared queue may be emptied by a sibling before we run
@@ -159,6 +161,10 @@ def node_worker(env: simpy.Environment, stage: Stage, node: Node):
         if bind is not None:
             bind(node, now)
         t = batch_service_ms(stage, batch)
+        if refresh is not None:               # VISTA: stale summaries recomputed in line
+            t += refresh(batch, now)
+        if stage.history is not None:         # the users' history fetches and the store's CPU
+            t += stage.history.serve(node.index, batch)
         if node.episodes is not None:         # serve(), in line
             t *= node.episodes.factor_at(now)
         node.start_batch(now, n, t)

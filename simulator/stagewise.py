@@ -59,6 +59,17 @@ END, WAKE, DEADLINE, COND = 0, 1, 2, 3
 IDLE, WOKEN, BWAIT, BWAIT_FIRED, BUSY = 0, 1, 2, 3, 4
 
 
+def _vista_table(service) -> bool:
+    """A gr service whose table holds a VISTA model (arch not given in the scenario)."""
+    if getattr(service, "kind", None) != "gr" or service.arch is not None:
+        return False
+    from .scenario import _manifest
+    try:
+        return _manifest(service.table).get("model", {}).get("arch") == "vista"
+    except (ValueError, AttributeError):
+        return False
+
+
 class Tie(Exception):
     """Two events at one instant whose order SimPy decides outside the stage."""
 
@@ -66,10 +77,16 @@ class Tie(Exception):
 def unsupported(scenario: sc.Scenario) -> str | None:
     """Why the fast engine cannot run this scenario, before it starts (None: it can): a
     relay stage that batches its rankings (relay.relay_worker's batches are not mirrored
-    here)."""
+    here), or a stage with a history store."""
     relay = scenario.relay
     if relay is not None and scenario.stages[relay.stage].batch.max_size > 1:
         return f"stages.{relay.stage}.batch: batched relay ranking runs on SimPy"
+    for name, stage in scenario.stages.items():
+        if getattr(stage.service, "arch", None) == "vista" or _vista_table(stage.service):
+            return f"stages.{name}.service: VISTA's summary store (per-user state) runs on SimPy"
+        if getattr(stage, "history_store", None) is not None:
+            return (f"stages.{name}.history_store: the tiered history store (its LRU state "
+                    f"follows SimPy's service order) runs on SimPy")
     return None
 
 

@@ -155,7 +155,8 @@ def metric_names(scenario: Scenario) -> set[str]:
         names |= {f"relay.{m}" for m in RELAY}
     if scenario.hbm is not None:
         names |= {f"hbm.{m}" for m in HBM}
-    return names
+    from . import history_store
+    return names | history_store.metric_names(scenario)
 
 
 def check_metric(metric: str, scenarios: list[Scenario], source: str, path: str | None = None) -> None:

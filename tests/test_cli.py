@@ -98,7 +98,7 @@ BAD = [
      "ascend910b, ascend910c, cpu)"),
     (("service: {kind: lognormal, mean_ms: 3, cv: 0.5}", "service: {kind: gamma, mean_ms: 3}"),
      "{p}:12 stages.back.service: kind must be one of 'constant', 'exponential', 'lognormal', "
-     "'empirical', 'table', 'gr', 'roofline' (got 'gamma')"),
+     "'empirical', 'table', 'gr', 'roofline', 'kernels' (got 'gamma')"),
     (("  p99_ms: 50", "  p99_ms: 50\n  p99_ms: 60"), "{p}:15 slo.p99_ms: duplicate key (also at line 14)"),
     (("slo:\n  p99_ms: 50\n", ""), "{p}:1 slo: required field is missing"),
     (("name: tiny", "name: [tiny"), "__yaml__"),
