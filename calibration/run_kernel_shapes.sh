@@ -9,6 +9,8 @@
 #
 #   OUT=/path/to/results bash calibration/run_kernel_shapes.sh
 #
+# What is committed came from two calls on 2026-12-01: the grid part (defaults, 190 s), and
+# the two shape tables with these settings (45 s together).
 # Back under $OUT: kernel_shapes.tar.gz (h200_kernel_grid/, h200_t8x512/, h200_t12x2048/)
 # and log_kernel_shapes.txt. A CPU dry run: DEVICE=cpu GRID_ARGS="..." SHAPE_ARGS="...".
 set -uo pipefail
@@ -30,8 +32,8 @@ for shape in "h200_t8x512 --layers 8 --d-model 512 --heads 8 --ffn 2048" \
   name=$1; shift
   "$PY" -m calibration.bench --device "$DEVICE" --arch transformer "$@" --short-term 32 \
     --history-lens "${LENS:-1024,4096,8192,16384}" --candidates "${CANDS:-64,256}" \
-    --conditions isolated --no-kernels --target-s 0.2 --min-samples 10 --max-samples 200 \
-    --soft-deadline-s "${SHAPE_DEADLINE:-60}" --name "$name" --out "$W/$name" ${SHAPE_ARGS:-} 2>&1 | tee -a "$LOG" || rc=1
+    --conditions isolated --no-kernels --target-s 0.15 --min-samples 8 --max-samples 100 --warmup 5 \
+    --soft-deadline-s "${SHAPE_DEADLINE:-40}" --name "$name" --out "$W/$name" ${SHAPE_ARGS:-} 2>&1 | tee -a "$LOG" || rc=1
 done
 tar -C "$W" -czf "$OUT/kernel_shapes.tar.gz" . 2>/dev/null || true
 echo "run_kernel_shapes exit status $rc" | tee -a "$LOG"
