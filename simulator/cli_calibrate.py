@@ -98,6 +98,12 @@ def calibrate(
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads"),
     seed: int = typer.Option(0),
     launches_per_layer: int = typer.Option(12, min=1, help="roofline launches per layer (for the fit)"),
+    model: Optional[str] = typer.Option(None, "--model", metavar="package.module:factory",
+                                        help="benchmark your own torch model instead of the built-in "
+                                             "one: the factory returns a module with spec, "
+                                             "encode_prefix, rank_cached and full_forward (see "
+                                             "calibration/examples/tiny_gr.py; its spec sets the "
+                                             "model options). Imports and runs that code"),
 ):
     """Run the torch microbenchmarks on this machine's device and write a cost table; then print
     and store the cost models' own errors (leave-one-out interpolation, fitted roofline).
@@ -105,6 +111,8 @@ def calibrate(
     Needs torch (the calibrate extra of simrec) unless --errors-only.
 
     Example: simrec calibrate --device cpu --layers 2 --d-model 128 --heads 4 --ffn 512 --history-lens 64,256,1024 --candidates 16,64 --out tables/cpu_small
+
+    Your own model: simrec calibrate --model simrec.calibration.examples.tiny_gr:build --device cpu --history-lens 32,64 --candidates 4,8 --conditions isolated --out tables/tiny_user
     """
     try:
         if errors_only is not None:
@@ -129,12 +137,12 @@ def calibrate(
             argv.append("--no-kernels")
         try:
             import torch  # noqa: F401
-            from simrec.calibration import bench
+            from simrec.calibration import bench, user_model
         except ImportError:
             raise InputError(NO_TORCH) from None
         try:
             with redirect_stdout(sys.stderr):        # the bench's progress lines
-                bench.main(argv)
+                user_model.main(model, argv) if model is not None else bench.main(argv)
         except SystemExit as e:                      # argparse or the bench's own checks
             raise InputError(e.code if isinstance(e.code, str) else "invalid calibration options") from None
         except (ValueError, RuntimeError) as e:      # model spec, device, out of memory, self-check

@@ -13,14 +13,15 @@ each device's launch overhead).
 
 FLOPs (per DESIGN.md, 2 FLOPs per multiply-add; N layers, d width, s short-term tokens):
 
-- transformer / hstu: ``prefix_encode = (N-1) [c L + 2 L^2 d] + 4 d^2 L`` (the last layer
-  only projects K and V: nothing reads its history outputs) and
-  ``rank_cached = N [c (M+s) + 4 (M+s)(L+s) d]``, where c is the linear-layer FLOPs per
-  token: ``8 d^2 + 4 d ffn`` for a transformer (QKV + output projection, two FFN GEMMs),
-  ``10 d^2`` for HSTU (fused U/V/Q/K d->4d, output d->d, no FFN).
-  ``full_forward = prefix_encode + rank_cached``: DESIGN's full pass with m -> M + s, less
-  the last layer's unused history rows. (DESIGN's ``12 (n+m) d^2`` counts multiply-adds at
-  ffn = 4d; in FLOPs that is 24 d^2.)
+- transformer / hstu: the sum over their operator graphs (`simrec.operators`, declared once
+  from calibration/gr_models.py): ``prefix_encode = (N-1) [c L + 2 L^2 d] + p L`` (the last
+  layer runs only its projection, p = ``6 d^2`` QKV or HSTU's ``8 d^2`` U/V/Q/K, and keeps
+  K and V) and ``rank_cached = N [c (M+s) + 4 (M+s)(L+s) d] + 2 M d`` (the scoring head),
+  where c is the linear-layer FLOPs per token: ``8 d^2 + 4 d ffn`` for a transformer (QKV +
+  output projection, two FFN GEMMs), ``10 d^2`` for HSTU (fused U/V/Q/K d->4d, output d->d,
+  no FFN). ``full_forward = prefix_encode + rank_cached``: DESIGN's full pass with
+  m -> M + s, less the last layer's history rows past their projection. (DESIGN's
+  ``12 (n+m) d^2`` counts multiply-adds at ffn = 4d; in FLOPs that is 24 d^2.)
 - stca, vista, laser: the models of ``calibration/arch_models.py``, counted GEMM by GEMM
   (f = ffn, the SwiGLU width: ``6 d f`` FLOPs per token; h heads; k summary tokens;
   S = ceil(L / segment_len) segments). Their own phases (`ARCH_PHASES`):
@@ -65,6 +66,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from . import operators
 from .errors import InputError
 
 PHASES = ("prefix_encode", "rank_cached", "full_forward", "prefix_reload")
@@ -146,17 +148,11 @@ class ModelShape:
         return self.summary_tokens + 0 * L if self.arch == "vista" else L
 
     def flops(self, phase: str, L, M):
-        N, d, s = self.layers, self.d_model, self.short_term_tokens
         if self.arch in ARCH_PHASES:
             return _arch_flops(self, LEGACY[self.arch].get(phase, phase), L, M)
-        if self.arch in ("transformer", "hstu"):
-            c = 10 * d * d if self.arch == "hstu" else 8 * d * d + 4 * d * self.ffn
-            # The last layer's history rows only need K and V (their outputs are unused).
-            enc = (N - 1) * (c * L + 2 * L * L * d) + 4 * d * d * L
-            rank = N * (c * (M + s) + 4 * (M + s) * (L + s) * d)
-        else:
-            raise ValueError(f"unknown arch {self.arch!r}")
-        return {"prefix_encode": enc, "rank_cached": rank, "full_forward": enc + rank}[phase]
+        if self.arch in operators.ARCHS:     # the one declaration of their operator graphs
+            return operators.flops(self, phase, L, M)
+        raise ValueError(f"unknown arch {self.arch!r}")
 
     def bytes(self, phase: str, L, M):
         N, d, b, kv = self.layers, self.d_model, self.dtype_bytes, self.kv_bytes_per_token

@@ -26,10 +26,11 @@ GR = ModelShape("transformer", layers=8, d_model=512, heads=8, ffn=2048, dtype_b
 # ------------------------------------------------------------------ FLOPs and bytes
 @pytest.mark.parametrize("arch, encode, rank", [
     # N=2, d=4, ffn=8, h=2, s=1, k=5 at L=3, M=2, worked by hand:
-    # transformer: c = 8*16 + 4*4*8 = 256; encode = 1*(256*3 + 2*9*4) + 4*16*3; rank = 2*(256*3 + 4*3*4*4)
-    ("transformer", 768 + 72 + 192, 2 * (768 + 192)),
-    # hstu: c = 10*16 = 160
-    ("hstu", 480 + 72 + 192, 2 * (480 + 192)),
+    # transformer: c = 8*16 + 4*4*8 = 256; encode = 1*(256*3 + 2*9*4) + 6*16*3 (the last layer's
+    # QKV projection, as gr_models runs it); rank = 2*(256*3 + 4*3*4*4) + 2*2*4 (the score head)
+    ("transformer", 768 + 72 + 288, 2 * (768 + 192) + 16),
+    # hstu: c = 10*16 = 160; the last layer's U/V/Q/K projection 8*16*3
+    ("hstu", 480 + 72 + 384, 2 * (480 + 192) + 16),
     # stca (calibration/arch_models.py, SwiGLU width f = ffn = 8): encode = N L (6 d f + 4 d^2)
     # = 2*3*(192 + 64); rank = M [6 d f + N (4 d^2 + 4 L d) + (N-1) 4 d^2] = 2*(192 + 2*(64 + 48) + 64)
     ("stca", 1536, 960),
@@ -50,12 +51,13 @@ def test_flops_match_hand_computed_numbers(arch, encode, rank):
 
 def test_full_pass_is_designs_formula_in_flops_less_the_last_layers_history_rows():
     # DESIGN: N [12 (n+m) d^2 + 2 n^2 d + 4 m n d] in multiply-adds for the d^2 term (ffn = 4d),
-    # i.e. 24 (n+m) d^2 FLOPs. The last layer's history rows only project K and V (4 n d^2).
+    # i.e. 24 (n+m) d^2 FLOPs. The last layer's history rows only run their QKV projection
+    # (6 n d^2); the score head adds 2 m d.
     N, d, n, m = 8, 512, 4096, 256
     model = ModelShape("transformer", N, d, 8, 4 * d, 2, short_term_tokens=0)
     design = N * (24 * (n + m) * d * d + 2 * n * n * d + 4 * m * n * d)
-    last_layer_history = 24 * n * d * d + 2 * n * n * d - 4 * n * d * d
-    assert model.flops("full_forward", n, m) == design - last_layer_history
+    last_layer_history = 24 * n * d * d + 2 * n * n * d - 6 * n * d * d
+    assert model.flops("full_forward", n, m) == design - last_layer_history + 2 * m * d
 
 
 def test_bytes_weights_once_plus_kv():
