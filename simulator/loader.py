@@ -400,6 +400,10 @@ def resolve_paths(data: dict, base: Path) -> None:
             ref = service.get(key) if isinstance(service, dict) else None
             if isinstance(ref, str) and ref and ("/" in ref or ref.endswith(".json") or key == "profile"):
                 service[key] = _resolve(base, ref)
+        more = service.get("overhead_from") if isinstance(service, dict) else None
+        if isinstance(more, list):                     # kernels: more tables of the device
+            service["overhead_from"] = [_resolve(base, r) if isinstance(r, str) and "/" in r else r
+                                        for r in more]
 
 
 def _resolve(base: Path, ref: str) -> str:
