@@ -41,6 +41,8 @@ TABLES = {
     "h200_gr_hstu": ("calibration/tables/h200_gr_hstu", "hstu 24x1024 h4"),
     "h200_eager_h": ("calibration/testbed_runs/h200_eager/h200_eager_h", "transformer 8x1024 h8"),
     "h200_eager_j": ("calibration/testbed_runs/h200_eager/h200_eager_j", "transformer 8x1024 h8"),
+    "h200_t8x512": ("calibration/tables/h200_t8x512", "transformer 8x512 h8"),
+    "h200_t12x2048": ("calibration/tables/h200_t12x2048", "transformer 12x2048 h16"),
 }
 
 
