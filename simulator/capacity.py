@@ -8,23 +8,35 @@ the largest pass, any undecided points, and the smallest fail (geometric midpoin
 continuous parameters, integers for counts). The reported bracket [largest pass, smallest
 fail] holds the true boundary at the stated confidence; the largest pass is the
 conservative capacity. Every point uses the scenario's seed (common random numbers).
+
+The search runs in rounds of `width` candidates (default 2) evaluated together on the
+sweep's executors (a local process pool by default): the first round is the start and its
+next worse neighbour, each later expansion round steps on `width` values, and each
+bisection round splits the open gaps into `width` + 1 parts (or takes each gap's
+midpoint). Which candidates a round holds depends only on the verdicts before it, so the
+serial, pool and Ray executors give byte-identical results.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from itertools import zip_longest
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .errors import InputError
-from .executors import run_points
+from .executors import kept_pool, run_points
 from .folders import atomic_folder
 from .loader import with_overrides
 from .results import flat_metrics
 from .scenario import Scenario
 from .sweep import check_metric, points_table
+
+
+WIDTH = 2      # candidates per round: a fixed default (not the core count), so results never
+               # depend on the machine; 2 keeps two cores busy
 
 
 @dataclass
@@ -52,25 +64,24 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
            max_evals: int = 20, cache_dir: Path | None = None,
            bounds: tuple[float | None, float | None] = (None, None),
            progress: Callable[[int, int], None] | None = None,
-           refresh: bool = False) -> tuple[Capacity, list[dict]]:
+           refresh: bool = False, executor: str = "local", workers: int | None = None,
+           width: int = WIDTH, ray_address: str | None = None) -> tuple[Capacity, list[dict]]:
+    """The search, in rounds of `width` candidates evaluated together on `executor` (see
+    executors.run_points). The candidates depend only on the verdicts so far, never on the
+    executor or the worker count, so every executor gives byte-identical results."""
     if base.run.replications < 2:
         raise InputError("capacity search needs run.replications >= 2 (it uses the P99's "
                          "upper confidence bound)", "run.replications")
     check_search(slo_ms, start, rel_tol, max_evals, bounds)
+    if not isinstance(width, int) or not 1 <= width <= 64:
+        raise InputError(f"must be an integer from 1 to 64 (got {width!r})", "--width")
     check_metric(metric, [base], "--metric")
     start = min(max(start, bounds[0] or start), bounds[1] or start)     # inside the bounds
     cap = Capacity(parameter, metric, slo_ms, worse_when_higher)
     summaries: list[dict] = []
-
     verdicts: dict[float, str] = {}
 
-    def evaluate(v: float) -> str:
-        value = int(v) if integer else float(v)
-        if value in verdicts:
-            return verdicts[value]
-        scenario = with_overrides(base, {parameter: value})
-        summary = run_points([scenario.model_dump(mode="json")], "serial", cache_dir=cache_dir,
-                             refresh=refresh)[0]
+    def record(value: float, summary: dict) -> None:
         row = flat_metrics(summary)
         if metric not in row:
             raise InputError(f"unknown metric {metric!r} (e.g. e2e.p99_ms, stages.<name>.p99_ms)",
@@ -94,9 +105,20 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
                 min(cap.failing, value) if worse_when_higher else max(cap.failing, value))
         else:
             cap.undecided.append(value)
-        if progress:
-            progress(len(cap.points), max_evals)
-        return verdict
+
+    def evaluate(candidates: list[float]) -> int:
+        """Evaluate a round's new candidates together; recorded in the order given."""
+        values = list(dict.fromkeys(int(v) if integer else float(v) for v in candidates))
+        values = [v for v in values if v not in verdicts][:max_evals - len(cap.points)]
+        if not values:
+            return 0
+        points = [with_overrides(base, {parameter: v}).model_dump(mode="json") for v in values]
+        done_before = len(cap.points)
+        tick = (lambda d, t: progress(done_before + d, max_evals)) if progress else None
+        for v, summary in zip(values, run_points(points, executor, workers, cache_dir, ray_address,
+                                                 tick, refresh)):
+            record(v, summary)
+        return len(values)
 
     def toward_worse(v: float) -> float:
         if worse_when_higher:
@@ -108,47 +130,82 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
             return max(1, v // 2) if integer else v / 2
         return v * 2
 
-    # Expand from the start value, never re-evaluating a value, never past 1024x it or the bounds.
     limits = (start / 1024 if bounds[0] is None else bounds[0],
               start * 1024 if bounds[1] is None else bounds[1])
-    v = start
-    while len(cap.points) < max_evals:
-        verdict = evaluate(v)
-        if cap.passing is not None and cap.failing is not None:
-            break
-        step = toward_better if verdict == "fail" or (verdict == "undecided" and cap.passing is None) \
-            else toward_worse
-        if step is toward_better and len(cap.points) >= 2 and _stalled(cap.points[-2], cap.points[-1]):
-            cap.plateau = True     # a better value did not lower the P99 beyond its CI
-            break
-        def clamp(x: float) -> float:
-            return min(max(x, limits[0]), limits[1])
-        nxt = clamp(step(v))
-        while nxt in verdicts and clamp(step(nxt)) != nxt:
-            nxt = clamp(step(nxt))
-        if nxt == v or nxt in verdicts:
-            break                  # nothing left to try in that direction
-        v = nxt
-    while cap.passing is not None and len(cap.points) < max_evals:
-        # Narrow the gaps on either side of the undecided zone: between the largest pass and
-        # the nearest undecided point, and between the farthest undecided point and the fail
-        # (with no fail found, the farthest end is the nearest undecided point beyond the pass).
-        p = cap.passing
-        beyond = [u for u in cap.undecided if (u > p if worse_when_higher else u < p)]
-        far = cap.failing
-        if far is None:
-            if not beyond:
+
+    def clamp(x: float) -> float:
+        return min(max(x, limits[0]), limits[1])
+
+    def walk(v: float, step: Callable[[float], float], n: int) -> list[float]:
+        """Up to n new values stepping from v (never past the bounds, never re-evaluated)."""
+        out = []
+        while len(out) < n:
+            nxt = clamp(step(v))
+            if nxt == v:
+                break              # nothing left to try in that direction
+            v = nxt
+            if (int(v) if integer else v) not in verdicts:
+                out.append(v)
+        return out
+
+    def better_order(v: float) -> float:
+        return -v if worse_when_higher else v
+
+    # Expand from the start value (never past 1024x it or the bounds) until a pass and a
+    # fail are found: the first round is the start and its next worse (then better)
+    # neighbours; each later round steps on from the farthest value in the direction the
+    # verdicts point (toward better while nothing passed, toward worse while nothing failed).
+    def rounds() -> None:
+        worse, better = walk(start, toward_worse, width), walk(start, toward_better, width)
+        first = [start, *(x for pair in zip_longest(worse, better) for x in pair if x is not None)]
+        evaluate(first[:width])
+        while len(cap.points) < max_evals and (cap.passing is None or cap.failing is None):
+            if cap.passing is None:
+                ranked = sorted(cap.points, key=lambda p: -better_order(p["value"]))   # best first
+                if len(ranked) >= 2 and _stalled(ranked[1], ranked[0]):
+                    cap.plateau = True     # a better value did not lower the P99 beyond its CI
+                    break
+                cands = walk(ranked[0]["value"], toward_better, width)
+            else:
+                cands = walk(min((p["value"] for p in cap.points), key=better_order), toward_worse, width)
+            if not evaluate(cands):
                 break
-            far = min(beyond) if worse_when_higher else max(beyond)
-        inside = [u for u in beyond if min(p, far) < u < max(p, far)]
-        edge = sorted([p, far, *([min(inside), max(inside)] if inside else [])])
-        pairs = [(edge[0], edge[1]), (edge[-2], edge[-1])] if inside else [(edge[0], edge[1])]
-        gaps = [(a, b) for a, b in pairs if not _narrow(a, b, rel_tol, integer)]
-        if not gaps:
-            break
-        a, b = max(gaps, key=lambda g: abs(math.log(g[1] / g[0])) if g[0] > 0 else g[1] - g[0])
-        evaluate((a + b) // 2 if integer else math.sqrt(a * b) if a > 0 else (a + b) / 2)
+        while cap.passing is not None and len(cap.points) < max_evals:
+            # Narrow the gaps on either side of the undecided zone: between the largest pass and
+            # the nearest undecided point, and between the farthest undecided point and the fail
+            # (with no fail found, the farthest end is the nearest undecided point beyond the pass).
+            p = cap.passing
+            beyond = [u for u in cap.undecided if (u > p if worse_when_higher else u < p)]
+            far = cap.failing
+            if far is None:
+                if not beyond:
+                    break
+                far = min(beyond) if worse_when_higher else max(beyond)
+            inside = [u for u in beyond if min(p, far) < u < max(p, far)]
+            edge = sorted([p, far, *([min(inside), max(inside)] if inside else [])])
+            pairs = [(edge[0], edge[1]), (edge[-2], edge[-1])] if inside else [(edge[0], edge[1])]
+            gaps = [(a, b) for a, b in pairs if not _narrow(a, b, rel_tol, integer)]
+            if not gaps:
+                break
+            gaps.sort(key=lambda g: -(abs(math.log(g[1] / g[0])) if g[0] > 0 else g[1] - g[0]))
+            shares = [width // len(gaps) + (i < width % len(gaps)) for i in range(len(gaps))]
+            cands = [x for (a, b), n in zip(gaps, shares) for x in _split(a, b, n, integer)]
+            if not evaluate(cands):
+                break
+
+    with kept_pool(executor, min(workers or width, width)):     # one pool for all the rounds
+        rounds()
     return cap, summaries
+
+
+def _split(a: float, b: float, n: int, integer: bool) -> list[float]:
+    """n points splitting [a, b] into n + 1 parts: geometric for a continuous parameter
+    (the serial bisection's midpoint when n = 1), even for an integer one."""
+    if integer:
+        return [a + (b - a) * i // (n + 1) for i in range(1, n + 1)]
+    if a > 0:
+        return [math.sqrt(a * b) if n == 1 else a * (b / a) ** (i / (n + 1)) for i in range(1, n + 1)]
+    return [a + (b - a) * i / (n + 1) for i in range(1, n + 1)]
 
 
 def check_search(slo_ms: float, start: float, rel_tol: float, max_evals: int,

@@ -27,6 +27,7 @@ from . import scenario as sc
 from . import history_store, service
 from .interference import timelines
 from .partition import start_controllers
+from .progress import Marks
 from .relay import Relay, build_relay, relay_worker
 from .routing import make_picker
 from .stage import Armed, Job, Node, Stage, make_dispatch, node_worker
@@ -244,12 +245,14 @@ def prepare(scenario: sc.Scenario, index: int) -> Prepared:
 
 def run_replication(scenario: sc.Scenario, index: int,
                     adjust: Callable[[Prepared, int], None] | None = None,
-                    engine: str | None = None) -> Replication:
+                    engine: str | None = None,
+                    progress: Callable[[float], None] | None = None) -> Replication:
     """One replication on the engine asked for (default: `run.engine`, else auto).
 
     auto and fast run the fast engine when it is exact for the scenario; otherwise, or if
     it meets a case it cannot order exactly, SimPy runs the replication (from the same
-    streams) and `Replication.engine_note` says why."""
+    streams) and `Replication.engine_note` says why. `progress(fraction)`, if given, is
+    called as simulated time passes each 2% of the arrivals' span (simrec.progress)."""
     engine = engine or getattr(scenario.run, "engine", None) or DEFAULT_ENGINE
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {engine!r})")
@@ -262,13 +265,13 @@ def run_replication(scenario: sc.Scenario, index: int,
             if adjust is not None:
                 adjust(prep, index)
             try:
-                return stagewise.run(scenario, prep, index).compact()
+                return stagewise.run(scenario, prep, index, progress).compact()
             except stagewise.Tie as e:
                 note, prep = str(e), None       # its streams are spent: start again
     prep = prepare(scenario, index)
     if adjust is not None:
         adjust(prep, index)
-    rep = run_simpy(scenario, prep, index)
+    rep = run_simpy(scenario, prep, index, progress)
     rep.engine_note = note
     return rep.compact()
 
@@ -282,8 +285,10 @@ def stop_ms(end_ms: float) -> float:
     return 2 * end_ms + 60_000
 
 
-def run_simpy(scenario: sc.Scenario, prep: Prepared, index: int) -> Replication:
-    """The reference engine: SimPy processes for the requests, the nodes and the sampler."""
+def run_simpy(scenario: sc.Scenario, prep: Prepared, index: int,
+              progress: Callable[[float], None] | None = None) -> Replication:
+    """The reference engine: SimPy processes for the requests, the nodes and the sampler;
+    the source reports `progress` (read-only: nothing it does is an event)."""
     env, reqs, stages, relay = prep.env, prep.requests, prep.stages, prep.relay
     n = len(reqs)
     recs = {s.name: StageRecords.empty(n, s, k == 0) for k, s in enumerate(stages)}
@@ -329,10 +334,14 @@ def run_simpy(scenario: sc.Scenario, prep: Prepared, index: int) -> Replication:
         # memoryviews index to Python numbers without copying the columns
         arrivals, users, Ls, Ms = (memoryview(np.ascontiguousarray(c)) for c in (
             reqs.arrival_ms, reqs.user_id, reqs.history_len, reqs.candidates))
+        marks = Marks(np.ascontiguousarray(reqs.arrival_ms, dtype=float), prep.end_ms, progress)
+        mk = marks.first
         for rid in range(n):
             delay = arrivals[rid] - env.now
             if delay > 0:
                 yield env.timeout(delay)
+            if rid == mk:
+                mk = marks(rid)
             env.process(request(env, rid, users[rid], Ls[rid], Ms[rid]))
 
     end_ms = prep.end_ms

@@ -64,7 +64,7 @@ class _OneLineErrors(TyperGroup):
             print(f"error: {cmd}{_one_line(e.format_message())}", file=sys.stderr)
             sys.exit(1)
         except InputError as e:       # from a command without its own handler
-            print(_one_line(str(e)), file=sys.stderr)
+            print(_error_lines(e), file=sys.stderr)
             sys.exit(1)
         except MemoryError:
             print("error: out of memory (shorten the run or lower the load)", file=sys.stderr)
@@ -97,6 +97,11 @@ def _term_as_interrupt():
 
 def _one_line(text: str) -> str:
     return " ".join(text.split("\n")).strip()
+
+
+def _error_lines(e: InputError) -> str:
+    """An input error and the further errors of the same input, one line each."""
+    return "\n".join([e.one_line(), *(o.one_line() for o in e.others)])
 
 
 # Plain click help (rich_markup_mode=None): rich's help panels cost more CPU than the rest
@@ -138,7 +143,7 @@ def _root(version: bool = typer.Option(False, "--version", is_eager=True, callba
 def _fail(e: InputError, scenario: Path | None = None) -> None:
     if e.source is None and scenario is not None:
         e.source = str(scenario)
-    print(_one_line(str(e)), file=sys.stderr)
+    print(_error_lines(e), file=sys.stderr)
     raise typer.Exit(1)
 
 
@@ -191,11 +196,18 @@ RefreshOpt = typer.Option(False, "--refresh", help="recompute every point, ignor
 
 
 @contextmanager
-def _bar(unit: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn(unit), TimeElapsedColumn(), console=_console(True), transient=True) as bar:
-        yield bar, bar.add_task("", total=None)
+def _bar(unit: str, pooled: bool = False):
+    """A progress bar with an ETA that moves by simulated time within a replication
+    (simrec.progress); `pooled`: the points run in pool workers, which report through a
+    shared board."""
+    from .progress import Bar, installed, new_board
+    board = new_board() if pooled else None
+    with Bar(unit, _console(True), board) as bar:
+        if board is None:
+            yield bar
+        else:
+            with installed(board):
+                yield bar
 
 
 def _cache_for(target: Path) -> Path:
@@ -215,7 +227,10 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML file, or the na
         prediction_interval: bool = typer.Option(
             False, "--prediction-interval", help="also print each P99 as a central value and a 95% prediction "
                                                  "interval for one run of this length (what one measured "
-                                                 "window would show, slow episodes included)")):
+                                                 "window would show, slow episodes included)"),
+        shards: int = typer.Option(1, min=1, max=4096, help="split an affinity-routed fleet into this many "
+                                                            "independent sub-clusters by user hash (shard.py)"),
+        executor: str = ExecutorOpt, workers: Optional[int] = WorkersOpt):
     """Simulate one scenario and write a results folder (plots and report.html included).
 
     \b
@@ -229,10 +244,14 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML file, or the na
         sc = _load(scenario, set_, seed)
         target = out_dir if out_dir is not None else Path("results") / run_id(sc)
         check_target(target)                   # refuse before the run, not after it
-        with _bar("replications") as (bar, task):
-            bar.update(task, description=sc.name, total=sc.run.replications)
-            results = simulate(sc, progress=lambda done, total: bar.update(task, completed=done,
-                                                                           total=total))
+        with _bar("replications") as bar:
+            bar.describe(sc.name, sc.run.replications)
+            tick = bar.done
+            if shards > 1:
+                from .shard import simulate_sharded
+                results = simulate_sharded(sc, shards, executor, workers, progress=tick)
+            else:
+                results = simulate(sc, progress=tick)
         record_invocation(results, ["simrec", *ARGV], list(set_ or []), str(scenario))
         target = results.write(target, report_)
     except InputError as e:
@@ -296,11 +315,10 @@ def sweep(spec: Path = typer.Argument(..., help="a sweep file (with `base:`), or
             spec_obj = build_spec({"base": str(spec), "x": x, **extra}, "--grid/--variant")
         target = out_dir if out_dir is not None else Path("results") / f"sweep-{safe_name(spec.stem)}"
         check_target(target)
-        with _bar("points") as (bar, task):
-            bar.update(task, description=spec.stem)
+        with _bar("points", pooled=True) as bar:
+            bar.describe(spec.stem)
             table = run_sweep(base, spec_obj, target, executor, workers, cache or _cache_for(target),
-                              ray_address, lambda d, t: bar.update(task, completed=d, total=t), report_,
-                              refresh=refresh)
+                              ray_address, bar.done, report_, refresh=refresh)
     except InputError as e:
         _fail(e, spec)
     m = spec_obj.metric
@@ -329,7 +347,8 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file, or t
                                                                   "(e.g. the cost table's largest L)"),
              set_: Optional[list[str]] = SetOpt,
              out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="default: results/capacity-<name>"),
-             cache: Optional[Path] = CacheOpt, refresh: bool = RefreshOpt, report_: bool = ReportOpt):
+             cache: Optional[Path] = CacheOpt, refresh: bool = RefreshOpt, report_: bool = ReportOpt,
+             executor: str = ExecutorOpt, workers: Optional[int] = WorkersOpt):
     """Largest QPS (or L), or fewest instances, whose P99 upper confidence bound meets the SLO.
 
     \b
@@ -350,12 +369,13 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file, or t
         is_int = integer if integer is not None else isinstance(current, int)
         target = out_dir if out_dir is not None else Path("results") / f"capacity-{safe_name(sc.name)}"
         check_target(target)
-        with _bar("simulations") as (bar, task):
-            bar.update(task, description=param, total=max_evals)
+        with _bar("simulations", pooled=True) as bar:
+            bar.describe(param, max_evals)
             cap, summaries = search(sc, param, metric, budget, first, worse_when_higher=not fewest,
                                     integer=is_int, rel_tol=rel_tol, max_evals=max_evals,
                                     cache_dir=cache or _cache_for(target), bounds=(min_value, max_value),
-                                    progress=lambda d, t: bar.update(task, completed=d), refresh=refresh)
+                                    progress=lambda d, t: bar.done(d), refresh=refresh,
+                                    executor=executor, workers=workers)
         write_capacity(cap, summaries, target, report_)
     except InputError as e:
         _fail(e, scenario)
@@ -383,6 +403,27 @@ def report(folder: Path = typer.Argument(..., help="a results folder from run, s
 
 
 @app.command()
+def compare(folders: list[Path] = typer.Argument(..., metavar="DIR", help="run, sweep or capacity "
+                                                                            "folders; the first is the reference"),
+            out_dir: Optional[Path] = typer.Option(None, "--out", "-o",
+                                                   help="default: results/compare-<8 hex of the folders>")):
+    """Put runs (and sweep or capacity points) side by side: figures with intervals and
+    differences from the first; writes compare.csv, report.html and plots.
+
+    \b
+    Example: simrec compare results/x results/sweep-default --out results/x-vs-sweep
+    """
+    from .compare import compare as run_compare, default_out
+    target = out_dir if out_dir is not None else default_out(folders)
+    try:
+        _, _, text = run_compare(folders, target)
+    except InputError as e:
+        _fail(e)
+    _console(False).print(text, soft_wrap=True)
+    _console(False).print(f"results: {target}")
+
+
+@app.command()
 def validate(scenario: Path = typer.Argument(..., help="scenario YAML file, or the name of a shipped one"),
              set_: Optional[list[str]] = SetOpt):
     """Check a scenario (schema, devices, cost tables, trace, shapes) without running it.
@@ -397,8 +438,8 @@ def validate(scenario: Path = typer.Argument(..., help="scenario YAML file, or t
         reqs = prepare(sc, 0).requests
     except InputError as e:
         _fail(e, scenario)
-    _console(False).print(f"{scenario}: ok ({len(sc.stages)} stages, {len(reqs)} requests per replication, "
-              f"{sc.run.replications} replications)")
+    print(f"{scenario}: ok ({len(sc.stages)} stages, {len(reqs)} requests per replication, "
+          f"{sc.run.replications} replications)")
 
 
 LISTS = ("devices", "tables", "scenarios")
@@ -524,14 +565,16 @@ def _sweep_base(path: Path) -> str | None:
 
 
 @app.command()
-def schema():
-    """Print the JSON Schema of the scenario format (for editors and validators).
+def schema(sweep_: bool = typer.Option(False, "--sweep", help="the schema of sweep files (a `base:` "
+                                                              "scenario and what to vary) instead")):
+    """Print the JSON Schema (draft 2020-12) of scenario files, or of sweep files (for
+    editors and validators: every file in scenarios/ is one or the other).
 
     \b
     Example: simrec schema > scenario.schema.json
     """
-    from .scenario import Scenario
-    print(json.dumps(Scenario.model_json_schema(), indent=2))
+    from .schema import json_schema
+    print(json.dumps(json_schema("sweep" if sweep_ else "scenario"), indent=2))
 
 
 def _missed_target(sc: Scenario, summary: dict) -> list[str]:

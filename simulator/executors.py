@@ -1,5 +1,9 @@
 """Run many scenarios: serially, on a local process pool (default), or on Ray.
 
+`execute` is the one way work reaches those executors (sweep points, capacity rounds,
+fleet shards); `kept_pool` keeps one local pool across several calls (a capacity search's
+rounds), so its workers start once and keep what they loaded.
+
 Work items are scenario dicts (validated JSON form), results are summary dicts, so
 everything crossing a process boundary is plain data. Finished points are cached on disk
 by a key over everything that can change a result: the scenario (seed included), the
@@ -20,6 +24,7 @@ import json
 import os
 import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -151,23 +156,55 @@ def run_points(points: list[dict], executor: str = "local", workers: int | None 
         if progress:
             progress(done, len(points))
 
+    execute(summary_of, points, todo, finish, executor, workers, ray_address)
+    return results
+
+
+def execute(fn: Callable, items: list, todo: list[int], finish: Callable[[int, object], None],
+            executor: str = "local", workers: int | None = None,
+            ray_address: str | None = None) -> None:
+    """Run fn(items[i]) for each i in todo on the executor, calling finish(i, result) as
+    each ends (in completion order); the one pool and Ray path for sweeps, capacity rounds
+    and shards. `fn` must be a module-level function and items plain data (they are pickled)."""
+    if executor not in EXECUTORS:
+        raise InputError(f"unknown executor {executor!r} (choose {', '.join(EXECUTORS)})", "--executor")
     if executor == "serial" or len(todo) <= 1:
         for i in todo:
-            finish(i, summary_of(points[i]))
+            finish(i, fn(items[i]))
     elif executor == "local":
-        pool = ProcessPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(todo)),
-                                   initializer=_worker_start)
+        pool = _kept or ProcessPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(todo)),
+                                            initializer=_worker_start)
         try:
-            futures = {pool.submit(summary_of, points[i]): i for i in todo}
+            futures = {pool.submit(fn, items[i]): i for i in todo}
             for fut in as_completed(futures):
                 finish(futures[fut], fut.result())
         except BaseException:
             _stop(pool)
             raise
-        pool.shutdown()
+        if pool is not _kept:
+            pool.shutdown()
     else:
-        _run_ray(points, todo, finish, ray_address)
-    return results
+        _run_ray(fn, items, todo, finish, ray_address)
+
+
+_kept: ProcessPoolExecutor | None = None
+
+
+@contextmanager
+def kept_pool(executor: str, workers: int | None = None):
+    """Within this block, local-executor calls share one pool: for a capacity search's
+    rounds, whose workers then start once and keep what they loaded (lazy imports, cost
+    tables), as the serial executor's one process does."""
+    global _kept
+    if executor != "local" or _kept is not None:
+        yield
+        return
+    _kept = ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, initializer=_worker_start)
+    try:
+        yield
+    finally:
+        pool, _kept = _kept, None
+        pool.shutdown(cancel_futures=True)
 
 
 def _cached(path: Path) -> dict | None:
@@ -203,7 +240,7 @@ def _stop(pool: ProcessPoolExecutor) -> None:
         p.join(timeout=5)
 
 
-def _run_ray(points, todo, finish, address):
+def _run_ray(fn, points, todo, finish, address):
     try:
         import ray
     except ImportError:
@@ -214,7 +251,7 @@ def _run_ray(points, todo, finish, address):
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     try:
-        remote = ray.remote(summary_of)
+        remote = ray.remote(fn)
         refs = {remote.remote(points[i]): i for i in todo}
         pending = list(refs)
         while pending:

@@ -46,22 +46,43 @@ PosInt = Annotated[Int, Field(gt=0)]
 Ms = Annotated[Real, Field(gt=0, le=MAX_TIME_MS)]
 
 
+# Titles in the JSON Schema read "mean (ms)", not pydantic's "Mean Ms": the unit suffix of a
+# field name becomes a parenthesised unit.
+_UNITS = {"ms": "ms", "s": "s", "us": "us", "qps": "QPS", "gbps": "GB/s", "tflops": "TFLOP/s",
+          "bytes": "bytes", "per_s": "per s", "per_min": "per min", "rel": "relative"}
+_TITLES = {"zipf_s": "Zipf exponent s", "p99_halfwidth_rel": "P99 CI half-width (relative)",
+           "ms": "time (ms)", "gbps": "bandwidth (GB/s)"}
+
+
+def field_title(name: str, _info=None) -> str:
+    """A field's title from its name: `mean_ms` -> "mean (ms)", `rate_qps` -> "rate (QPS)"."""
+    if name in _TITLES:
+        return _TITLES[name]
+    for suffix in sorted(_UNITS, key=len, reverse=True):
+        if name == suffix:
+            return _UNITS[suffix]
+        if name.endswith("_" + suffix):
+            return f"{name[:-len(suffix) - 1].replace('_', ' ')} ({_UNITS[suffix]})"
+    return name.replace("_", " ")
+
+
 class Strict(BaseModel):
     """Frozen, no unknown keys, and every float finite (inf and NaN are refused)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False,
+                              field_title_generator=field_title)
 
 
 # ---------------------------------------------------------------- distributions
 class ConstantDist(Strict):
-    kind: Literal["constant"]
-    value: PosFloat
+    kind: Literal["constant"] = Field(description="every draw is `value`")
+    value: PosFloat = Field(description="the value every draw takes (> 0)")
 
 
 class UniformDist(Strict):
-    kind: Literal["uniform"]
-    low: PosFloat
-    high: PosFloat
+    kind: Literal["uniform"] = Field(description="draws uniform on [low, high]")
+    low: PosFloat = Field(description="smallest value (> 0)")
+    high: PosFloat = Field(description="largest value (>= low)")
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -71,17 +92,20 @@ class UniformDist(Strict):
 
 
 class LognormalDist(Strict):
-    kind: Literal["lognormal"]
-    mean: PosFloat
-    cv: Annotated[PosFloat, Field(le=100)]
+    kind: Literal["lognormal"] = Field(description=(
+        "lognormal draws with this mean and coefficient of variation"))
+    mean: PosFloat = Field(description="mean of the draws (> 0)")
+    cv: Annotated[PosFloat, Field(le=100)] = Field(description=(
+        "coefficient of variation: standard deviation / mean (0 < cv <= 100)"))
 
 
 class EmpiricalDist(Strict):
     """Values drawn with the given weights (equal weights if omitted)."""
 
-    kind: Literal["empirical"]
-    values: list[PosFloat] = Field(min_length=1)
-    weights: list[PosFloat] | None = None
+    kind: Literal["empirical"] = Field(description="draws from a list of values")
+    values: list[PosFloat] = Field(min_length=1, description="the values drawn (each > 0)")
+    weights: list[PosFloat] | None = Field(None, description=(
+        "relative weight of each value, one per value; default: equal weights"))
 
     @model_validator(mode="after")
     def _same_length(self):
@@ -97,24 +121,29 @@ Distribution = Annotated[Union[ConstantDist, UniformDist, LognormalDist, Empiric
 
 # ---------------------------------------------------------------- service times
 class ConstantService(Strict):
-    kind: Literal["constant"]
-    ms: Ms
+    kind: Literal["constant"] = Field(description="every job takes `ms`")
+    ms: Ms = Field(description="service time of every job")
 
 
 class ExponentialService(Strict):
-    kind: Literal["exponential"]
-    mean_ms: Ms
+    kind: Literal["exponential"] = Field(description=(
+        "exponential service times (memoryless: M/M/c stations)"))
+    mean_ms: Ms = Field(description="mean service time")
 
 
 class LognormalService(Strict):
-    kind: Literal["lognormal"]
-    mean_ms: Ms
-    cv: Annotated[PosFloat, Field(le=100)]
+    kind: Literal["lognormal"] = Field(description=(
+        "lognormal service times with this mean and coefficient of variation"))
+    mean_ms: Ms = Field(description="mean service time")
+    cv: Annotated[PosFloat, Field(le=100)] = Field(description=(
+        "coefficient of variation: standard deviation / mean (0 < cv <= 100)"))
 
 
 class EmpiricalService(Strict):
-    kind: Literal["empirical"]
-    samples_ms: list[Ms] = Field(min_length=1)
+    kind: Literal["empirical"] = Field(description=(
+        "service times drawn uniformly from measured samples"))
+    samples_ms: list[Ms] = Field(min_length=1, description=(
+        "the measured service times, drawn with equal weights"))
 
 
 PROFILE_HELP = ("a serving profile fitted by `simrec fit` against this table: each job then costs "
@@ -125,10 +154,15 @@ PROFILE_HELP = ("a serving profile fitted by `simrec fit` against this table: ea
 class TableService(Strict):
     """A phase of a measured cost table, looked up by the request's (L, M)."""
 
-    kind: Literal["table"]
+    kind: Literal["table"] = Field(description=(
+        "a phase of a measured cost table, looked up by the request's history length L and "
+        "candidates M"))
     table: str = Field(description="built-in table name, or path to a table folder / manifest.json")
-    phase: str
-    condition: str = "isolated"
+    phase: str = Field(description=(
+        "the table's phase to cost each job with (e.g. full_forward; FORMAT.md)"))
+    condition: str = Field("isolated", description=(
+        "the measurement condition to read: isolated, idle_gap, busy or cache_pressure "
+        "(FORMAT.md)"))
     extrapolate: bool = Field(False, description="allow shapes outside the measured grid")
     profile: str | None = Field(None, description=PROFILE_HELP)
 
@@ -161,8 +195,10 @@ class GRService(Strict):
     stale and `summary.on_stale` is critical_path).
     """
 
-    kind: Literal["gr"]
-    table: str
+    kind: Literal["gr"] = Field(description=(
+        "a generative-recommendation ranking model costed phase by phase from a cost table"))
+    table: str = Field(description=(
+        "built-in table name, or path to a table folder / manifest.json (simrec list tables)"))
     arch: Literal["transformer", "hstu", "stca", "vista", "laser"] | None = Field(
         None, description="the table's architecture, checked against its manifest (default: "
                           "whatever the table holds)")
@@ -170,8 +206,11 @@ class GRService(Strict):
                                         "(request-level batching) or once per target")
     summary: SummaryStore | None = Field(
         None, description="vista: the summary store (defaults when absent)")
-    condition: str = "isolated"
-    extrapolate: bool = False
+    condition: str = Field("isolated", description=(
+        "the measurement condition to read: isolated, idle_gap, busy or cache_pressure "
+        "(FORMAT.md)"))
+    extrapolate: bool = Field(False, description=(
+        "allow shapes (L, M) outside the measured grid; refused otherwise"))
     kv_bytes_per_token: Annotated[PosInt, Field(le=2**30)] | None = Field(
         None, description="prefix KV bytes per history token; default: the table's model")
     profile: str | None = Field(None, description=PROFILE_HELP)
@@ -180,13 +219,16 @@ class GRService(Strict):
 class RooflineModel(Strict):
     """The ranking model's shape, for FLOP and byte counts (DESIGN.md formulas)."""
 
-    arch: Literal["transformer", "hstu", "stca", "vista"] = "transformer"
-    layers: Annotated[PosInt, Field(le=10_000)] = 8
-    d_model: Annotated[PosInt, Field(le=10**6)] = 512
-    heads: Annotated[PosInt, Field(le=10_000)] = 8
+    arch: Literal["transformer", "hstu", "stca", "vista"] = Field("transformer", description=(
+        "model family, which sets the phases and their FLOP and byte counts"))
+    layers: Annotated[PosInt, Field(le=10_000)] = Field(8, description="transformer layers")
+    d_model: Annotated[PosInt, Field(le=10**6)] = Field(512, description="hidden width")
+    heads: Annotated[PosInt, Field(le=10_000)] = Field(8, description="attention heads")
     ffn: Annotated[PosInt, Field(le=10**7)] | None = Field(None, description="default: 4 x d_model")
-    dtype_bytes: Annotated[PosInt, Field(le=16)] = 2
-    short_term_tokens: Annotated[Int, Field(ge=0, le=MAX_HISTORY_LEN)] = 32
+    dtype_bytes: Annotated[PosInt, Field(le=16)] = Field(2, description=(
+        "bytes per weight and activation element (2: bf16)"))
+    short_term_tokens: Annotated[Int, Field(ge=0, le=MAX_HISTORY_LEN)] = Field(32, description=(
+        "recent history tokens a ranking on a cached prefix still encodes"))
     summary_tokens: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)] = Field(
         128, description="VISTA: summary tokens k")
 
@@ -197,12 +239,16 @@ class RooflineService(Strict):
            + launches x launch overhead. `fit_from` fits the efficiencies and per-call
     overhead on a measured table (another device) and carries them to this one."""
 
-    kind: Literal["roofline"]
+    kind: Literal["roofline"] = Field(description=(
+        "phase costs from FLOPs and bytes over a device's peaks (for devices nobody measured)"))
     device: str | None = Field(None, description="default: the stage's node device")
-    model: RooflineModel = RooflineModel()
-    compute_efficiency: Annotated[Real, Field(gt=0, le=1)] = 0.4
-    memory_efficiency: Annotated[Real, Field(gt=0, le=1)] = 0.7
-    launches_per_layer: Annotated[PosInt, Field(le=10_000)] = 12
+    model: RooflineModel = Field(RooflineModel(), description="the ranking model's shape")
+    compute_efficiency: Annotated[Real, Field(gt=0, le=1)] = Field(0.4, description=(
+        "share of the device's peak FLOP/s the kernels reach (0-1]"))
+    memory_efficiency: Annotated[Real, Field(gt=0, le=1)] = Field(0.7, description=(
+        "share of the device's HBM bandwidth the kernels reach (0-1]"))
+    launches_per_layer: Annotated[PosInt, Field(le=10_000)] = Field(12, description=(
+        "kernel launches per layer, each costing the device's launch overhead"))
     fit_from: str | None = Field(None, description="a measured table to fit efficiencies on")
     cv: Annotated[Real, Field(ge=0, le=100)] = Field(
         0.0, description="lognormal noise around the roofline time")
@@ -211,13 +257,17 @@ class RooflineService(Strict):
 class KernelsModel(Strict):
     """The ranking model a `kernels` service costs: its operator graph (simrec.operators)."""
 
-    arch: Literal["transformer", "hstu"] = "transformer"
-    layers: Annotated[PosInt, Field(le=10_000)] = 8
-    d_model: Annotated[PosInt, Field(le=10**6)] = 512
-    heads: Annotated[PosInt, Field(le=10_000)] = 8
+    arch: Literal["transformer", "hstu"] = Field("transformer", description=(
+        "model family, which sets the operator graph of each phase"))
+    layers: Annotated[PosInt, Field(le=10_000)] = Field(8, description="transformer layers")
+    d_model: Annotated[PosInt, Field(le=10**6)] = Field(512, description=(
+        "hidden width (a multiple of heads)"))
+    heads: Annotated[PosInt, Field(le=10_000)] = Field(8, description="attention heads")
     ffn: Annotated[PosInt, Field(le=10**7)] | None = Field(None, description="default: 4 x d_model")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    short_term_tokens: Annotated[Int, Field(ge=0, le=MAX_HISTORY_LEN)] = 32
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description=(
+        "element type of weights and activations"))
+    short_term_tokens: Annotated[Int, Field(ge=0, le=MAX_HISTORY_LEN)] = Field(32, description=(
+        "recent history tokens a ranking on a cached prefix still encodes"))
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -232,10 +282,12 @@ class KernelsService(Strict):
     device's per-launch host overhead fitted on the phase tables of `table` (and of
     `overhead_from`, tables of the same device). Costs shapes nobody benchmarked."""
 
-    kind: Literal["kernels"]
+    kind: Literal["kernels"] = Field(description=(
+        "phase costs composed from a measured kernel table (simrec.kernel_model)"))
     table: str = Field(description="a folder holding kernels.parquet and manifest.json (and the "
                                    "phase table the overhead is fitted on), or a built-in name")
-    model: KernelsModel = KernelsModel()
+    model: KernelsModel = Field(KernelsModel(), description=(
+        "the ranking model whose operator graph is costed"))
     overhead_from: tuple[str, ...] = Field((), description="more tables of the same device: their "
                                            "kernels and phases join the lookup and the fit")
 
@@ -248,19 +300,23 @@ ServiceModel = Annotated[
 
 # ---------------------------------------------------------------- workload
 class PoissonArrivals(Strict):
-    kind: Literal["poisson"]
+    kind: Literal["poisson"] = Field(description="Poisson arrivals at rate_qps")
 
 
 class RateStep(Strict):
-    start_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)]
-    factor: Annotated[NonNegFloat, Field(le=1e6)]
+    start_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)] = Field(description=(
+        "when this step starts, seconds from the run's start"))
+    factor: Annotated[NonNegFloat, Field(le=1e6)] = Field(description=(
+        "rate multiplier from start_s on (0: no arrivals)"))
 
 
 class PiecewiseArrivals(Strict):
     """Rate = rate_qps x factor of the last step that has started."""
 
-    kind: Literal["piecewise"]
-    steps: list[RateStep] = Field(min_length=1)
+    kind: Literal["piecewise"] = Field(description=(
+        "Poisson arrivals whose rate steps: rate_qps x the factor of the last step started"))
+    steps: list[RateStep] = Field(min_length=1, description=(
+        "the steps, the first at start_s 0, start_s strictly increasing"))
 
     @model_validator(mode="after")
     def _sorted(self):
@@ -277,26 +333,38 @@ class PiecewiseArrivals(Strict):
 class DiurnalArrivals(Strict):
     """Rate = rate_qps x (1 + amplitude sin(2 pi (t + phase_s) / period_s))."""
 
-    kind: Literal["diurnal"]
-    amplitude: Annotated[Real, Field(ge=0, lt=1)] = 0.5
-    period_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = 86400.0
-    phase_s: Real = 0.0
+    kind: Literal["diurnal"] = Field(description=(
+        "Poisson arrivals whose rate follows a sine: rate_qps x (1 + amplitude sin(2 pi (t + "
+        "phase_s) / period_s))"))
+    amplitude: Annotated[Real, Field(ge=0, lt=1)] = Field(0.5, description=(
+        "relative swing of the rate around rate_qps, [0, 1)"))
+    period_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = Field(86400.0, description=(
+        "period of the cycle"))
+    phase_s: Real = Field(0.0, description=(
+        "shift of the cycle: the rate at t = 0 is that of t = phase_s"))
 
 
 class BurstArrivals(Strict):
     """Two-state MMPP: calm at rate_qps, bursts at rate_qps x burst_factor."""
 
-    kind: Literal["burst"]
-    burst_factor: Annotated[Real, Field(ge=1, le=1e6)] = 3.0
-    mean_calm_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = 30.0
-    mean_burst_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = 5.0
+    kind: Literal["burst"] = Field(description=(
+        "a two-state Markov-modulated Poisson process: calm at rate_qps, bursts at rate_qps x "
+        "burst_factor"))
+    burst_factor: Annotated[Real, Field(ge=1, le=1e6)] = Field(3.0, description=(
+        "rate multiplier during a burst (>= 1)"))
+    mean_calm_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = Field(30.0, description=(
+        "mean length of a calm spell (exponential)"))
+    mean_burst_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = Field(5.0, description=(
+        "mean length of a burst (exponential)"))
 
 
 class TraceArrivals(Strict):
     """Replay a CSV/Parquet file with columns arrival_ms, user_id, history_len, candidates."""
 
-    kind: Literal["trace"]
-    path: str
+    kind: Literal["trace"] = Field(description="replay recorded requests from a file")
+    path: str = Field(description=(
+        "CSV or Parquet file with columns arrival_ms, user_id, history_len, candidates (relative "
+        "to the scenario file)"))
 
 
 Arrivals = Annotated[
@@ -307,17 +375,24 @@ Arrivals = Annotated[
 class Sessions(Strict):
     """Users come back in sessions: a session is a burst of requests from one user."""
 
-    mean_requests: Annotated[Real, Field(ge=1, le=1e6)] = 1.0
-    mean_gap_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = 30.0
+    mean_requests: Annotated[Real, Field(ge=1, le=1e6)] = Field(1.0, description=(
+        "mean requests per session (geometric; 1: every request its own session)"))
+    mean_gap_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = Field(30.0, description=(
+        "mean gap between a session's consecutive requests (exponential)"))
 
 
 class Users(Strict):
-    count: Annotated[PosInt, Field(le=MAX_USERS)] = 100_000
-    zipf_s: Annotated[Real, Field(ge=0, le=10)] = 1.0
-    history_len: Distribution = LognormalDist(kind="lognormal", mean=2000, cv=1.0)
-    min_history_len: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)] = 1
-    max_history_len: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)] | None = None
-    sessions: Sessions = Sessions()
+    count: Annotated[PosInt, Field(le=MAX_USERS)] = Field(100_000, description="distinct users")
+    zipf_s: Annotated[Real, Field(ge=0, le=10)] = Field(1.0, description=(
+        "Zipf exponent of user popularity (0: uniform)"))
+    history_len: Distribution = Field(
+        LognormalDist(kind="lognormal", mean=2000, cv=1.0), description=(
+        "each user's history length L, in tokens (rounded, then clipped to min/max_history_len)"))
+    min_history_len: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)] = Field(1, description=(
+        "shortest history, in tokens"))
+    max_history_len: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)] | None = Field(None, description=(
+        "longest history, in tokens; default: unbounded"))
+    sessions: Sessions = Field(Sessions(), description="how a user's requests cluster in time")
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -329,9 +404,12 @@ class Users(Strict):
 class Workload(Strict):
     rate_qps: Annotated[PosFloat, Field(le=MAX_RATE_QPS)] | None = Field(
         None, description="mean offered load; unused for traces")
-    arrivals: Arrivals = PoissonArrivals(kind="poisson")
-    users: Users = Users()
-    candidates: Distribution = ConstantDist(kind="constant", value=300)
+    arrivals: Arrivals = Field(PoissonArrivals(kind="poisson"), description=(
+        "the arrival process (default: Poisson)"))
+    users: Users = Field(Users(), description=(
+        "the user population: count, popularity, history lengths, sessions"))
+    candidates: Distribution = Field(ConstantDist(kind="constant", value=300), description=(
+        "candidates M to rank per request"))
 
     @model_validator(mode="after")
     def _rate_given(self):
@@ -345,23 +423,26 @@ class Workload(Strict):
 
 # ---------------------------------------------------------------- cluster
 class DeviceSpec(Strict):
-    name: str
-    hbm_bytes: PosInt
-    peak_tflops: PosFloat
-    hbm_gbps: PosFloat
-    host_link_gbps: PosFloat
-    launch_overhead_us: NonNegFloat
-    host_dram_bytes: PosInt
-    source: str = ""
+    name: str = Field(description="device name as shown in reports")
+    hbm_bytes: PosInt = Field(description="device memory (HBM); accepts units, e.g. 80GB")
+    peak_tflops: PosFloat = Field(description="peak dense TFLOP/s at the model's precision")
+    hbm_gbps: PosFloat = Field(description="HBM bandwidth, GB/s")
+    host_link_gbps: PosFloat = Field(description=(
+        "host-device link bandwidth (PCIe / NVLink-C2C), GB/s"))
+    launch_overhead_us: NonNegFloat = Field(description="host-side cost of one kernel launch")
+    host_dram_bytes: PosInt = Field(description="host DRAM per device; accepts units, e.g. 512GiB")
+    source: str = Field("", description="where the figures come from (a datasheet, a measurement)")
 
 
 class NodePool(Strict):
-    count: Annotated[PosInt, Field(le=MAX_NODES)] = 1
+    count: Annotated[PosInt, Field(le=MAX_NODES)] = Field(1, description=(
+        "nodes (instances) in the stage"))
     device: str = Field("h100", description=f"a preset ({', '.join(PRESETS)}) or a key of `devices`")
 
 
 class Affinity(Strict):
-    virtual_nodes: Annotated[PosInt, Field(le=MAX_VIRTUAL_NODES)] = 64
+    virtual_nodes: Annotated[PosInt, Field(le=MAX_VIRTUAL_NODES)] = Field(64, description=(
+        "points per node on the consistent-hash ring of the affinity routers"))
     overload_jobs: Annotated[PosInt, Field(le=10**6)] = Field(
         8, description="affinity_fallback leaves the home node when it holds this many jobs")
 
@@ -377,9 +458,12 @@ class Batching(Strict):
     1 + marginal_cost x (n - 1) where the table has no batched rows. Reloads, fetches and
     embedding lookups add per job."""
 
-    max_size: Annotated[PosInt, Field(le=100_000)] = 1
-    max_wait_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS)] = 0.0
-    marginal_cost: Annotated[Real, Field(gt=0, le=1)] = 1.0
+    max_size: Annotated[PosInt, Field(le=100_000)] = Field(1, description=(
+        "most jobs in one batch (1: no batching)"))
+    max_wait_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS)] = Field(0.0, description=(
+        "longest a batch waits for more jobs after its first (0: take what is queued)"))
+    marginal_cost: Annotated[Real, Field(gt=0, le=1)] = Field(1.0, description=(
+        "cost of each further job in a batch, as a fraction of its own time (0-1]"))
 
 
 class Interference(Strict):
@@ -389,11 +473,14 @@ class Interference(Strict):
     lasts `duration_s` and every job that starts inside it runs `slowdown` x its time. With
     `scope: host` the `nodes_per_host` consecutive nodes of a host share one timeline."""
 
-    rate_per_min: Annotated[Real, Field(gt=0, le=6000, allow_inf_nan=False)]
-    duration_s: Distribution
+    rate_per_min: Annotated[Real, Field(gt=0, le=6000, allow_inf_nan=False)] = Field(description=(
+        "episodes per minute of normal running, per node (or host)"))
+    duration_s: Distribution = Field(description="how long an episode lasts, seconds")
     slowdown: Distribution = Field(description="factor on a job's time during an episode (> 0)")
-    scope: Literal["node", "host"] = "node"
-    nodes_per_host: Annotated[PosInt, Field(le=MAX_NODES)] = 1
+    scope: Literal["node", "host"] = Field("node", description=(
+        "node: each node has its own episodes; host: nodes_per_host consecutive nodes share them"))
+    nodes_per_host: Annotated[PosInt, Field(le=MAX_NODES)] = Field(1, description=(
+        "nodes sharing one timeline with scope: host"))
 
 
 class HistoryTier(Strict):
@@ -446,7 +533,7 @@ class HistoryStore(Strict):
 
 
 class Stage(Strict):
-    nodes: NodePool = NodePool()
+    nodes: NodePool = Field(NodePool(), description="the stage's nodes: how many, on which device")
     router: Literal["shared", "delay", "random", "round_robin", "least_loaded", "power_of_two",
                     "affinity", "affinity_fallback", "hbm_aware"] = Field(
         "round_robin", description="per-node queues picked by this policy; `shared`: one FIFO "
@@ -454,10 +541,13 @@ class Stage(Strict):
                                    "`hbm_aware` (relay stage only): the node with the least expected "
                                    "finish time, counting its backlog, whether it holds the user's "
                                    "prefix and its embedding hit ratio")
-    affinity: Affinity = Affinity()
-    queue: Literal["fifo"] = "fifo"
-    batch: Batching = Batching()
-    service: ServiceModel
+    affinity: Affinity = Field(Affinity(), description=(
+        "settings of the affinity routers (hash ring, overload fallback)"))
+    queue: Literal["fifo"] = Field("fifo", description="queue discipline of each node's queue")
+    batch: Batching = Field(Batching(), description=(
+        "batching of jobs on a node (default: one job at a time)"))
+    service: ServiceModel = Field(description=(
+        "service time model: a distribution, a measured cost table, a roofline or a kernel model"))
     candidates: Annotated[PosInt, Field(le=MAX_CANDIDATES)] | None = Field(
         None, description="candidates this stage handles per request; default: the request's M")
     hop_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS)] = Field(
@@ -470,16 +560,17 @@ class Stage(Strict):
 
 
 class NoTrigger(Strict):
-    kind: Literal["none"]
+    kind: Literal["none"] = Field(description="never pre-infer")
 
 
 class AllTrigger(Strict):
-    kind: Literal["all"]
+    kind: Literal["all"] = Field(description="pre-infer every request's prefix")
 
 
 class LengthTrigger(Strict):
-    kind: Literal["length"]
-    min_history_len: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)]
+    kind: Literal["length"] = Field(description="pre-infer requests whose history is long enough")
+    min_history_len: Annotated[PosInt, Field(le=MAX_HISTORY_LEN)] = Field(description=(
+        "shortest history (tokens) that is pre-inferred"))
 
 
 class SequenceAwareTrigger(Strict):
@@ -489,7 +580,8 @@ class SequenceAwareTrigger(Strict):
     the pre-infer load: the share of the instance's device time that admitted pre-infer
     work takes, as a moving sum of predicted pre-infer times over `load_window_ms`."""
 
-    kind: Literal["sequence_aware"]
+    kind: Literal["sequence_aware"] = Field(description=(
+        "RelayGR's trigger: pre-infer exactly the at-risk requests, within admission bounds"))
     budget_ms: Ms | None = Field(None, description="default: the stage's SLO budget")
     max_pinned_fraction: Annotated[Real, Field(gt=0, le=1)] = Field(
         0.8, description="admit only while pinned prefixes (this one included) fit this share "
@@ -511,8 +603,10 @@ class PrefixCacheConfig(Strict):
     hbm_bytes: PosInt | None = Field(
         None, description="HBM for prefix KV per instance; required without an `hbm` block, "
                           "forbidden with one (the KV side is then the pool minus the EMB side)")
-    policy: Literal["lru", "ttl"] = "lru"
-    ttl_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = 3600.0
+    policy: Literal["lru", "ttl"] = Field("lru", description=(
+        "eviction: lru, or ttl (also drop prefixes older than ttl_s)"))
+    ttl_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = Field(3600.0, description=(
+        "policy ttl: a prefix older than this is dropped"))
     keep_full: bool = Field(
         False, description="a ranking that ran the full forward pass keeps the history KV it "
                            "computed (unpinned), for the user's next request")
@@ -531,19 +625,26 @@ class Expander(Strict):
 class Relay(Strict):
     """RelayGR: pre-infer users' long-term prefixes on the instance that will rank them."""
 
-    stage: str = "ranking"
+    stage: str = Field("ranking", description=(
+        "the stage whose instances pre-infer and cache prefixes (its service kind gr, roofline or"
+        " kernels)"))
     signal_after: str = Field("retrieval", description="a stage before `stage`, or 'arrival'")
     signal_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS)] = Field(
         0.5, description="network time of the pre-infer signal")
-    trigger: Trigger = SequenceAwareTrigger(kind="sequence_aware")
-    queue: Literal["fifo", "rank_first", "pre_first"] = "fifo"
-    cache: PrefixCacheConfig
-    expander: Expander = Expander()
+    trigger: Trigger = Field(SequenceAwareTrigger(kind="sequence_aware"), description=(
+        "which requests get their prefix pre-inferred"))
+    queue: Literal["fifo", "rank_first", "pre_first"] = Field("fifo", description=(
+        "order on an instance: fifo, rank_first (pre-infer jobs only when no ranking waits) or "
+        "pre_first"))
+    cache: PrefixCacheConfig = Field(description="the per-instance prefix KV cache in HBM")
+    expander: Expander = Field(Expander(), description=(
+        "host DRAM that holds evicted prefixes for reload"))
     remote: Literal["recompute", "fetch"] = Field(
         "recompute", description="a prefix held by another instance: recompute, or fetch it "
                                  "when the transfer plus a cached ranking is cheaper than "
                                  "recomputing (medians; the declined fetches are counted)")
-    remote_gbps: PosFloat = 12.5
+    remote_gbps: PosFloat = Field(12.5, description=(
+        "transfer rate of a prefix fetched from another instance, GB/s"))
 
 
 # ---------------------------------------------------------------- HBM pool (HELM)
@@ -551,8 +652,10 @@ class DriftStep(Strict):
     """From start_s on, popularity turns over at turnover_per_s: that fraction of the
     embedding rows a device holds stops being hot each second (trend regime)."""
 
-    start_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)]
-    turnover_per_s: Annotated[NonNegFloat, Field(le=1e6)]
+    start_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)] = Field(description=(
+        "when this popularity turnover rate starts, seconds from the run's start"))
+    turnover_per_s: Annotated[NonNegFloat, Field(le=1e6)] = Field(description=(
+        "fraction of a device's hot embedding rows that stop being hot each second"))
 
 
 class Embedding(Strict):
@@ -566,7 +669,8 @@ class Embedding(Strict):
     """
 
     items: PosInt = Field(100_000_000, description="item catalogue size (embedding rows)")
-    zipf_s: Annotated[Real, Field(ge=0, le=3)] = 0.9
+    zipf_s: Annotated[Real, Field(ge=0, le=3)] = Field(0.9, description=(
+        "Zipf exponent of item popularity"))
     row_bytes: Annotated[PosInt, Field(le=2**30)] = Field(
         4096, description="embedding bytes one token looks up (all its features)")
     short_term_tokens: Annotated[Int, Field(ge=0)] = Field(
@@ -595,10 +699,14 @@ class Bounds(Strict):
     """Where an adaptive controller starts, how far it may move the boundary, and how long
     it lets the caches warm up (an empty KV side shows no reuse yet) before it moves."""
 
-    start_emb_fraction: Annotated[Real, Field(ge=0, le=1)] = 0.5
-    min_emb_fraction: Annotated[Real, Field(ge=0, le=1)] = 0.0
-    max_emb_fraction: Annotated[Real, Field(ge=0, le=1)] = 1.0
-    hold_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)] = 5.0
+    start_emb_fraction: Annotated[Real, Field(ge=0, le=1)] = Field(0.5, description=(
+        "EMB share of the pool at the start"))
+    min_emb_fraction: Annotated[Real, Field(ge=0, le=1)] = Field(0.0, description=(
+        "smallest EMB share the controller may set"))
+    max_emb_fraction: Annotated[Real, Field(ge=0, le=1)] = Field(1.0, description=(
+        "largest EMB share the controller may set"))
+    hold_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)] = Field(5.0, description=(
+        "warm-up before the controller first moves the boundary"))
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -610,7 +718,7 @@ class Bounds(Strict):
 
 
 class StaticPartition(Strict):
-    kind: Literal["static"]
+    kind: Literal["static"] = Field(description="a fixed split of the pool")
     emb_fraction: Annotated[Real, Field(ge=0, le=1)] = Field(description="share of the pool for EMB")
 
 
@@ -621,11 +729,14 @@ class MarginalPartition(Bounds):
     if that beats what the other side loses. The step doubles for every interval in a row
     whose ranking SLO misses exceed slo_miss_target."""
 
-    kind: Literal["marginal"]
-    interval_ms: Ms = 1000.0
-    step_fraction: Annotated[Real, Field(gt=0, le=0.5)] = 0.02
+    kind: Literal["marginal"] = Field(description=(
+        "hill-climbing controller: move the boundary step by step toward the larger marginal gain"))
+    interval_ms: Ms = Field(1000.0, description="time between the controller's decisions")
+    step_fraction: Annotated[Real, Field(gt=0, le=0.5)] = Field(0.02, description=(
+        "share of the pool one step moves (doubled in a row of SLO-missing intervals)"))
     memory: Annotated[Real, Field(ge=0, lt=1)] = Field(0.5, description="weight of past intervals (EWMA)")
-    slo_miss_target: Annotated[Real, Field(ge=0, le=1)] = 0.01
+    slo_miss_target: Annotated[Real, Field(ge=0, le=1)] = Field(0.01, description=(
+        "share of rankings over budget in an interval above which the step doubles"))
 
 
 class MissCurvePartition(Bounds):
@@ -636,12 +747,18 @@ class MissCurvePartition(Bounds):
     predicted gain over min_gain of the time at stake, unless the interval missed its SLO
     (more than slo_miss_target of rankings over budget), when any gain will do."""
 
-    kind: Literal["miss_curve"]
-    interval_ms: Ms = 250.0
-    max_step_fraction: Annotated[Real, Field(gt=0, le=1)] = 0.25
-    memory: Annotated[Real, Field(ge=0, lt=1)] = 0.5
-    min_gain: Annotated[Real, Field(ge=0)] = 0.02
-    slo_miss_target: Annotated[Real, Field(ge=0, le=1)] = 0.01
+    kind: Literal["miss_curve"] = Field(description=(
+        "miss-curve controller: jump to the split that minimises the predicted miss time"))
+    interval_ms: Ms = Field(250.0, description="time between the controller's decisions")
+    max_step_fraction: Annotated[Real, Field(gt=0, le=1)] = Field(0.25, description=(
+        "largest share of the pool one decision moves"))
+    memory: Annotated[Real, Field(ge=0, lt=1)] = Field(0.5, description=(
+        "weight of past intervals (EWMA)"))
+    min_gain: Annotated[Real, Field(ge=0)] = Field(0.02, description=(
+        "smallest predicted gain, as a fraction of the time at stake, worth a move (ignored after"
+        " an SLO-missing interval)"))
+    slo_miss_target: Annotated[Real, Field(ge=0, le=1)] = Field(0.01, description=(
+        "share of rankings over budget above which an interval counts as missing its SLO"))
 
 
 Partition = Annotated[Union[StaticPartition, MarginalPartition, MissCurvePartition],
@@ -657,10 +774,14 @@ class Hbm(Strict):
     """One HBM pool per device of the relay stage: weights, an activation reserve, and the
     rest split between the embedding cache (EMB) and the prefix KV cache."""
 
-    weights_bytes: Annotated[Int, Field(ge=0)]
-    activation_reserve_bytes: Annotated[Int, Field(ge=0)]
-    partition: Partition
-    resize: Resize = Resize()
+    weights_bytes: Annotated[Int, Field(ge=0)] = Field(description=(
+        "HBM held by the model weights; accepts units, e.g. 10GB"))
+    activation_reserve_bytes: Annotated[Int, Field(ge=0)] = Field(description=(
+        "HBM kept free for activations; accepts units, e.g. 10GB"))
+    partition: Partition = Field(description=(
+        "how the rest is split between EMB and the prefix KV cache: static or an adaptive "
+        "controller"))
+    resize: Resize = Field(Resize(), description="how a growing EMB side refills")
     ghost_fraction: Annotated[Real, Field(ge=0, le=4)] = Field(
         1.0, description="adaptive controllers: bytes of evicted prefixes remembered, as a "
                          "fraction of the pool (how far beyond the KV side they can see reuse)")
@@ -675,15 +796,17 @@ class Hbm(Strict):
 
 class SLO(Strict):
     p99_ms: Ms = Field(description="end-to-end latency budget")
-    stage_p99_ms: dict[str, Ms] = {}
+    stage_p99_ms: dict[str, Ms] = Field({}, description="per-stage P99 budgets, by stage name")
 
 
 class RunControl(Strict):
     engine: Literal["simpy", "fast", "auto"] = Field(
         "auto", description="simulation engine: simpy (the reference), fast (stage by stage, byte-identical; "
                             "declines with a reason and SimPy runs), auto (fast wherever exact)")
-    duration_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] | None = None
-    requests: Annotated[PosInt, Field(le=MAX_REQUESTS)] | None = None
+    duration_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] | None = Field(None, description=(
+        "simulated arrival span per replication (give this or requests)"))
+    requests: Annotated[PosInt, Field(le=MAX_REQUESTS)] | None = Field(None, description=(
+        "requests per replication (give this or duration_s)"))
     warmup_s: Annotated[NonNegFloat, Field(le=MAX_DURATION_S)] | None = Field(
         None, description="default: 10% of the run (by time, or by requests); less than duration_s")
     replications: Annotated[PosInt, Field(le=MAX_REPLICATIONS)] = Field(
@@ -691,8 +814,10 @@ class RunControl(Strict):
     p99_halfwidth_rel: Annotated[Real, Field(gt=0, lt=1)] | None = Field(
         None, description="stopping rule: add replications until the end-to-end P99's CI "
                           "half-width is under this fraction of the P99 (or max_replications)")
-    max_replications: Annotated[PosInt, Field(le=MAX_REPLICATIONS)] = 40
-    seed: Annotated[Int, Field(ge=0)] = 1
+    max_replications: Annotated[PosInt, Field(le=MAX_REPLICATIONS)] = Field(40, description=(
+        "most replications the p99_halfwidth_rel stopping rule may run"))
+    seed: Annotated[Int, Field(ge=0)] = Field(1, description=(
+        "random seed: the same seed and scenario give the same bytes"))
     sample_interval_ms: Ms | None = Field(
         None, description="default: run length / 200; at most 1,000,000 samples per replication")
 
@@ -711,15 +836,23 @@ class Scenario(Strict):
     name: str = Field(min_length=1, max_length=200,
                       description="1-200 characters, no control characters; the default "
                                   "results folder is named after it")
-    description: str = ""
-    workload: Workload
-    devices: dict[str, DeviceSpec] = {}
-    stages: dict[str, Stage] = Field(min_length=1)
-    slo: SLO
-    relay: Relay | None = None
-    hbm: Hbm | None = None
-    embedding: Embedding | None = None
-    run: RunControl = RunControl()
+    description: str = Field("", description=(
+        "free text, shown in reports and `simrec list scenarios`"))
+    workload: Workload = Field(description="the offered load: arrivals, users, candidates")
+    devices: dict[str, DeviceSpec] = Field({}, description=(
+        "custom devices by key, for nodes.device (besides the presets: simrec list devices)"))
+    stages: dict[str, Stage] = Field(min_length=1, description=(
+        "the cascade's stages, in request order (e.g. retrieval, preprocess, ranking)"))
+    slo: SLO = Field(description="latency budgets: end to end and per stage")
+    relay: Relay | None = Field(None, description=(
+        "RelayGR pre-inference on one stage (omit for none)"))
+    hbm: Hbm | None = Field(None, description=(
+        "a shared HBM pool split between EMB and KV caches on the relay stage (HELM; needs relay "
+        "and embedding)"))
+    embedding: Embedding | None = Field(None, description=(
+        "the ranking model's embedding lookups, cached in the hbm pool (needs hbm)"))
+    run: RunControl = Field(RunControl(), description=(
+        "run control: length, replications, seed, engine"))
 
     @field_validator("name")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .cascade import Prepared, run_replication
+from .progress import board_slot
 from .results import Results, replication_metrics, summarise
 from .scenario import Scenario
 from .stats import interval
@@ -21,25 +22,48 @@ def simulate(scenario: Scenario, progress: Callable[[int, int], None] | None = N
 
     With `run.p99_halfwidth_rel` set, replications are added one at a time until the
     end-to-end P99's confidence half-width is under that fraction of the P99, or
-    `run.max_replications` is reached. `progress(done, planned)` is called after each.
+    `run.max_replications` is reached. `progress(done, planned)` is called as each
+    replication's simulated time passes each 2% of its span (`done` a float: replications
+    done, the running one's share included, below the next whole number) and after each
+    (`done` whole; the last one once the summary is made). Without it, a progress board
+    installed by the caller (simrec.progress, for pool workers) hears it.
 
     Each replication's metrics are taken as soon as it finishes; what is kept of it is its
     compact records (the requests table is built from them when asked for).
     """
+    if progress is None:
+        with board_slot() as slot:
+            return _simulate(scenario, slot, adjust, engine)
+    return _simulate(scenario, progress, adjust, engine)
+
+
+# A replication's arrivals count for this share of it; the whole number comes once its
+# records are summarised (the drain, its metrics and, for the last, the summary take time too).
+SIMULATED_SHARE = 0.99
+
+
+def _simulate(scenario: Scenario, progress, adjust, engine) -> Results:
     run = scenario.run
     reps, per_rep = [], []
     planned = run.replications
     while len(reps) < planned:
-        rep = run_replication(scenario, len(reps), adjust, engine)
+        within = None
+        if progress is not None:
+            within = lambda f, done=len(reps), planned=planned: progress(  # noqa: E731
+                done + SIMULATED_SHARE * f, planned)
+        rep = run_replication(scenario, len(reps), adjust, engine, within)
         reps.append(rep)
         per_rep.append(replication_metrics(scenario, rep))
-        if progress is not None:
-            progress(len(reps), planned)
         if run.p99_halfwidth_rel is not None:
             p99s = [m["e2e"]["p99_ms"] for m in per_rep]
             if len(reps) == planned and planned < run.max_replications and not _precise(p99s, run):
                 planned += 1
-    return summarise(scenario, reps, per_rep, engine)
+        if progress is not None and len(reps) < planned:
+            progress(len(reps), planned)
+    results = summarise(scenario, reps, per_rep, engine)
+    if progress is not None:
+        progress(len(reps), planned)
+    return results
 
 
 def _precise(p99s: list[float], run) -> bool:

@@ -45,6 +45,7 @@ from . import scenario as sc
 from .cascade import (N_COLUMNS, Prepared, Replication, StageRecords, StageSampler, busy_totals,
                       sample_interval_ms, stop_ms, timeseries)
 from .partition import start_controllers
+from .progress import Marks
 from .relay import PRE_JOB
 from .stage import Job
 
@@ -90,7 +91,9 @@ def unsupported(scenario: sc.Scenario) -> str | None:
     return None
 
 
-def run(scenario: sc.Scenario, prep: Prepared, index: int) -> Replication:
+def run(scenario: sc.Scenario, prep: Prepared, index: int, progress=None) -> Replication:
+    """One replication, stage by stage; `progress(fraction)` hears each stage's arrivals
+    pass each 2% of the horizon, a stage counting as its 1/n of the replication."""
     reqs, stages = prep.requests, prep.stages
     n = len(reqs)
     if n == 0:
@@ -127,6 +130,8 @@ def run(scenario: sc.Scenario, prep: Prepared, index: int) -> Replication:
         else:
             sim = QueueStage(*args)
         sim.keep_keys = not stage.hop_ms or stage.name == signal_after or si == len(stages) - 1
+        if progress is not None:
+            sim.marks = Marks(sim.times(), end_ms, progress, si / len(stages), (si + 1) / len(stages))
         outp = sim.run()
         sim.inp = None                  # done with it (memory: a few arrays per request)
         sims.append(sim)
@@ -294,6 +299,11 @@ class _StageSim:
         # The departures' full keys matter to a next stage reached without a hop (and to
         # signals made here); otherwise their times are enough.
         self.keep_keys = True
+        self.marks = Marks((), 0.0, None)       # progress reports: none unless run() sets them
+
+    def times(self):
+        """The times of the arrivals the stage's loop counts (for its progress marks)."""
+        return self.inp.t
 
     def finish(self, k_stop: tuple) -> None:
         """Samples after the stage's last event, up to the run's end (nothing changes);
@@ -319,10 +329,14 @@ class DelayStage(_StageSim):
         enter = memoryview(rec.enter_ms) if rec.enter_ms is not None else None
         lvl = inp.lvl
         ends = []
+        marks = self.marks
+        mk = marks.first
         for k in range(len(inp.rid)):
             t = inp.t[k]
             if t > t_stop or (t == t_stop and lvl > 0):
                 break
+            if k == mk:
+                mk = marks(k)
             rid = inp.rid[k]
             s = sample(Ls[rid], M_fixed or Ms[rid])
             if not s > 0:
@@ -396,6 +410,8 @@ class QueueStage(_StageSim):
         o_rid, o_t, o_s, o_lam = outp.rid, outp.t, outp.s, outp.lam
         ts, ts_s0 = self.ts, self.ts_s0
         ai = 0
+        marks = self.marks
+        mk = marks.first
         loads_seen = 0
         simple = max_batch == 1 and bind is None      # one job a batch, a plain cost model
         keep_keys = self.keep_keys
@@ -453,6 +469,8 @@ class QueueStage(_StageSim):
                 t = ta
                 if t > t_stop or (t == t_stop and in_lvl > 0):
                     break
+                if ai == mk:
+                    mk = marks(ai)
                 rid = in_rid[ai]
                 ai += 1
                 ta = in_t[ai]
@@ -629,6 +647,8 @@ class QueueStage(_StageSim):
         ts, ts_s0 = self.ts, self.ts_s0
         st_ = {"seq": 0}
         ai = 0
+        marks = self.marks
+        mk = marks.first
 
         def push(t, lvl, s, lam, kind, i, tk):
             st_["seq"] += 1
@@ -716,6 +736,8 @@ class QueueStage(_StageSim):
                 t = ta
                 if t > t_stop or (t == t_stop and in_lvl > 0):
                     break
+                if ai == mk:
+                    mk = marks(ai)
                 rid = in_rid[ai]
                 s, lam = in_s[ai], in_lam[ai]
                 ai += 1
@@ -848,6 +870,7 @@ class RelayStage(_StageSim):
                 raise Tie(f"stage {self.stage.name}: a signal and a ranking at t={a[0]!r} ms, made "
                           f"at the same instant by events of two other stages")
         self.ext = ext
+        self.mk = None                            # the next progress mark (set by _loop)
         self.n_rank = len(self.inp.rid)
         self.arrived = self.ranked_ = 0           # rankings dispatched, and done (or stopped)
         self.env = _Env()
@@ -933,6 +956,9 @@ class RelayStage(_StageSim):
                 self.outp.add(rid, t, st, self.lam_of[i])
         self.top(i, t, 0)
 
+    def times(self):
+        return np.array([e[0] for e in self.ext], dtype=float)
+
     # ---------------------------------------------------------------- the loop
     def run(self) -> Inputs:
         """Until every ranking is done (or the stop): the rankings' records are then final.
@@ -955,6 +981,8 @@ class RelayStage(_StageSim):
         n_rank = self.n_rank
         ts, ts_s0 = self.ts, self.ts_s0
         state = self.state
+        marks = self.marks
+        mk = marks.first if self.mk is None else self.mk
         while True:
             if work and self.ranked_ == n_rank and self.arrived == n_rank:
                 break
@@ -981,6 +1009,8 @@ class RelayStage(_StageSim):
             self.ctx = c[:4]
             env.now = t
             if c[4] == 0:                           # a ranking arrives, or a signal
+                if ai == mk:
+                    mk = marks(ai)
                 ai += 1
                 rid = e[8]
                 if e[7] == ARRIVE:
@@ -1001,5 +1031,5 @@ class RelayStage(_StageSim):
                 gen = env.procs[i]
                 delay = gen.send(None)
                 self.push(t + delay, 0, t, 0, CONTROL, i)
-        self.ai = ai
+        self.ai, self.mk = ai, mk
         self.ts, self.ts_s0 = ts, ts_s0

@@ -34,22 +34,34 @@ from .executors import run_points
 from .folders import atomic_folder
 from .loader import _line_of, _message, load_scenario, parse_override, read_yaml, with_overrides
 from .results import flat_metrics
-from .scenario import Ms, Scenario
+from .scenario import Ms, Scenario, field_title
 
 MAX_POINTS = 10_000
 VariantName = Annotated[str, Field(min_length=1, max_length=100)]
 
 
 class SweepSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    """A sweep file: a base scenario, the fields to vary (a grid, named variants) and the
+    metric judged (`simrec schema --sweep` is its JSON Schema)."""
 
-    base: str = Field(min_length=1)
-    x: str | None = None
-    metric: str = "e2e.p99_ms"
-    slo_ms: Ms | None = None
-    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
-    variants: dict[VariantName, dict[str, Any]] = Field(default_factory=dict)
-    set: dict[str, Any] = Field(default_factory=dict)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False,
+                              field_title_generator=field_title)
+
+    base: str = Field(min_length=1, description="the base scenario file, relative to the sweep file")
+    x: str | None = Field(None, description="the plots' x-axis: a grid parameter or 'variant' "
+                                            "(default: the first grid parameter)")
+    metric: str = Field("e2e.p99_ms", description="the metric plotted and judged against slo_ms, "
+                                                  "e.g. stages.ranking.p99_ms")
+    slo_ms: Ms | None = Field(None, description="the metric's budget (default: the base scenario's "
+                                                "SLO for it)")
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        default_factory=dict, description="field path -> values; the points are the cartesian "
+                                          "product of these (times the variants)")
+    variants: dict[VariantName, dict[str, Any]] = Field(
+        default_factory=dict, description="name -> {field path: value}, one line per variant in "
+                                          "the plots (default: one variant, 'base')")
+    set: dict[str, Any] = Field(default_factory=dict, description="field path -> value, applied "
+                                                                  "to every point")
 
 
 def load_spec(path: Path) -> tuple[SweepSpec, Scenario]:
