@@ -11,11 +11,13 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from simrec.results import MEDIAN_BAND, MIN_BAND, P99_BAND, band_rows, band_split  # noqa: F401
+
 from .figures import colour, new_figure, plain_log_axis, slo_line
 
-# Latency bands compared in the breakdown: (label, lower percentile, upper percentile).
-BANDS = (("median", 49.5, 50.5), ("P99", 98.5, 99.5))
-MIN_BAND = 5          # widen a band to at least this many requests (short runs)
+# Latency bands compared in the breakdown: (label, lower percentile, upper percentile);
+# the P99 band and the per-band means are simrec.results' (summary.json's p99_attribution).
+BANDS = (("median", *MEDIAN_BAND), ("P99", *P99_BAND))
 _LABELLED_REPS = 5    # name each replication in the legend up to this many
 _POINTS = 2000        # points drawn per curve below the 99th percentile
 
@@ -85,21 +87,6 @@ def latency_cdf(req: pd.DataFrame, slo_ms: float | None, name: str = "") -> Figu
     return fig
 
 
-def band_rows(latency: np.ndarray, lo_pct: float, hi_pct: float) -> np.ndarray:
-    """Indices of the requests ranked between the lo and hi percentiles of latency
-    (unfinished requests rank last), widened to at least MIN_BAND requests around the
-    band's centre when the run is short."""
-    n = len(latency)
-    if n == 0:
-        return np.arange(0)
-    order = np.argsort(latency, kind="stable")
-    lo = int(np.floor(lo_pct / 100 * (n - 1)))
-    hi = int(np.ceil(hi_pct / 100 * (n - 1)))
-    k = min(max(hi - lo + 1, MIN_BAND), n)
-    start = min(max((lo + hi) // 2 - k // 2, 0), n - k)
-    return order[start:start + k]
-
-
 def p99_breakdown(req: pd.DataFrame, stages: list[str], slo_ms: float | None) -> Figure:
     """Mean queue wait, service and network hop per stage, stacked in cascade order, for the
     requests near the P99 of end-to-end latency (and, for contrast, near the median)."""
@@ -111,13 +98,11 @@ def p99_breakdown(req: pd.DataFrame, stages: list[str], slo_ms: float | None) ->
     shown: dict[tuple[str, str], bool] = {}
     bars = []
     for band, lo, hi in BANDS:
-        rows = band_rows(lat, lo, hi)
-        unfinished = int((~np.isfinite(lat[rows])).sum())
-        sel = m.iloc[rows[np.isfinite(lat[rows])]]
-        means = [float(sel[f"{s}_{kind}_ms"].mean()) if len(sel) else 0.0 for s, kind in parts]
-        bars.append(means)
-        totals.append(float(sel["latency_ms"].mean()) if len(sel) else 0.0)
-        labels.append(f"{band} band\nP{lo:g}–P{hi:g}\n(n={len(sel):,})"
+        b = band_split(lat, {p: m[f"{p[0]}_{p[1]}_ms"].to_numpy(float) for p in parts}, lo, hi)
+        unfinished, n = b["unfinished"], b["requests"]
+        bars.append([b["parts"][p] if n and b["parts"][p] == b["parts"][p] else 0.0 for p in parts])
+        totals.append(b["latency_ms"] if n else 0.0)
+        labels.append(f"{band} band\nP{lo:g}–P{hi:g}\n(n={n:,})"
                       + (f"\n+{unfinished:,} unfinished" if unfinished else ""))
     widest = max(max(totals, default=0.0), slo_ms or 0.0) or 1.0
     for y, means in enumerate(bars):

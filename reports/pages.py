@@ -51,11 +51,16 @@ def run_page(summary: dict, plots: list[Plot]) -> str:
         stage_rows.append([name, metric_ci(st.get("p50_ms")), metric_ci(st.get("p99_ms")),
                            count(budgets.get(name)), metric_ci(st.get("mean_wait_ms")),
                            metric_ci(st.get("mean_service_ms")), metric_ci(st.get("mean_batch")),
-                           metric_ci(u, pct)])
+                           metric_ci(u, pct),
+                           metric_ci(_get(m, "p99_attribution", "stages", name, "share"), pct)])
     sections = [("Key figures", table(["figure", ci], key)),
-                ("Stages", paragraph("Stage latency is the sojourn: queue wait plus service.")
+                ("Stages", paragraph("Stage latency is the sojourn: queue wait plus service. P99 time "
+                                     "share: the stage's wait, service and hop over the "
+                                     "end-to-end latency of the requests ranked P98.5–P99.5 "
+                                     "(summary.json: metrics.p99_attribution).")
                  + table(["stage", "P50 (ms)", "P99 (ms)", "P99 budget (ms)", "mean wait (ms)",
-                          "mean service (ms)", "mean batch", "utilisation"], stage_rows))]
+                          "mean service (ms)", "mean batch", "utilisation",
+                          "P99 time share"], stage_rows))]
     if "relay" in m:
         sections.append(("RelayGR prefix caching", relay_section(m["relay"], sc.get("relay") or {})))
     sections.append(("Plots", "".join(figure(p) for p in plots)))

@@ -4,6 +4,7 @@
     scenario = simrec.load_scenario("scenarios/default.yaml", ["workload.rate_qps=500"])
     results = simrec.simulate(scenario)
     results.metric("e2e", "p99_ms")
+    simrec.load_results("results/default-cascade-1a2b3c4d")   # a run, sweep or capacity folder
 
 Simulated times are milliseconds everywhere.
 
@@ -25,6 +26,11 @@ _LAZY = {
     "load_scenario": "loader",
     "with_overrides": "loader",
     "Results": "results",
+    "SweepResults": "results",
+    "CapacityResults": "results",
+    "load_results": "results",
+    "sweep": "results",           # simrec.sweep(...) the function; the module: simrec.sweep's
+    "capacity": "results",        # names via `from simrec.sweep import ...` (see _Package)
     "Scenario": "scenario",
     "simulate": "simulate",
 }
@@ -34,7 +40,7 @@ __all__ = sorted([*_LAZY, "__version__", "version_info"])
 if TYPE_CHECKING:  # pragma: no cover  (names for type checkers; loaded lazily below)
     from .errors import InputError  # noqa: F401
     from .loader import load_scenario, with_overrides  # noqa: F401
-    from .results import Results  # noqa: F401
+    from .results import CapacityResults, Results, SweepResults, capacity, load_results, sweep  # noqa: F401
     from .scenario import Scenario  # noqa: F401
     from .simulate import simulate  # noqa: F401
 
@@ -42,10 +48,11 @@ if TYPE_CHECKING:  # pragma: no cover  (names for type checkers; loaded lazily b
 class _Package(types.ModuleType):
     """The package module, with its public names loaded on first access.
 
-    `simrec.simulate` is both the function and a submodule's name: importing the submodule
-    would set the package attribute to the module (importlib does so for every submodule),
-    and `simrec.simulate(sc)` would then fail. That one assignment is ignored, so the
-    attribute stays the function (as it was with eager imports)."""
+    `simrec.simulate` (like `sweep` and `capacity`) is both the function and a submodule's
+    name: importing the submodule would set the package attribute to the module (importlib
+    does so for every submodule), and `simrec.simulate(sc)` would then fail. That one
+    assignment is ignored, so the attribute stays the function (as it was with eager
+    imports); the modules' names stay reachable by `from simrec.sweep import ...`."""
 
     def __getattr__(self, name: str):
         if name == "__version__":

@@ -29,12 +29,12 @@ from typing import Callable
 
 from .errors import InputError
 
-# What simrec writes into its output folders (results, sweep, capacity, fidelity, serving log).
+# What simrec writes into its output folders (results, sweep, capacity, fidelity, serving log, compare).
 WRITES = frozenset({"summary.json", "requests.parquet", "timeseries.parquet", "report.html", "plots",
                     "sweep.json", "points.parquet", "capacity.json", "fidelity.csv",
                     "fidelity_detail.csv", "fidelity.md", "fidelity.json", "fidelity.png", "profiles",
-                    "jobs.parquet", "run.yaml"})
-MAIN_FILES = ("summary.json", "sweep.json", "capacity.json", "fidelity.json")
+                    "jobs.parquet", "run.yaml", "compare.csv"})
+MAIN_FILES = ("summary.json", "sweep.json", "capacity.json", "fidelity.json", "compare.csv")
 SUBFOLDERS = {"plots": ".png", "profiles": ".json"}
 _LEFT = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[a-z0-9_]{8}$")
 

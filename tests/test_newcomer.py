@@ -99,11 +99,15 @@ def test_help_example_runs_below_saturation(work, command, line):
         pytest.skip("serves a model on a GPU for minutes")
     if command in LONG and not os.environ.get("SIMREC_SLOW_TESTS"):
         pytest.skip("minutes of CPU; SIMREC_SLOW_TESTS=1 runs it")
-    if command == "report":       # it reads the run example's folder
+    if command in ("report", "compare"):       # they read the run (and sweep) examples' folders
         run_line = next(ln for c, ln in EXAMPLES if c == "run")
         out = shlex.split(run_line)[shlex.split(run_line).index("--out") + 1]
         if not (work / out / "summary.json").exists():
             run_example(work, "run", run_line)
+        sweep_line = next(ln for c, ln in EXAMPLES if c == "sweep")
+        swept = work / "results" / f"sweep-{Path(shlex.split(sweep_line)[2]).stem}"
+        if command == "compare" and not (swept / "points.parquet").exists():
+            run_example(work, "sweep", sweep_line)
     argv, r = run_example(work, command, line)
     assert "overload" not in r.stderr.lower(), r.stderr
     if command == "run":
