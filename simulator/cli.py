@@ -403,6 +403,37 @@ def report(folder: Path = typer.Argument(..., help="a results folder from run, s
 
 
 @app.command()
+def regime(scenario: Path = typer.Argument(..., help="a scenario whose arrivals or embedding drift "
+                                                      "change mid-run, or the name of a shipped one"),
+           static: list[float] = typer.Option([], "--static", help="a static EMB share of the pool to "
+                                                                  "compare (repeatable)"),
+           start: Optional[float] = typer.Option(None, help="adaptive controllers' starting EMB share "
+                                                            "(default: the scenario's split)"),
+           switch_s: Optional[float] = typer.Option(None, help="when the regime switches (default: the "
+                                                               "last rate or drift step)"),
+           window_s: float = typer.Option(2.0, min=0.001, help="P99 window for the recovery time"),
+           hold: int = typer.Option(5, min=1, help="windows in a row under the SLO to count as recovered"),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="one results folder per policy")):
+    """Study S7c: a workload regime switch mid-run under each HBM partition policy (the same
+    requests for all): the EMB:KV boundary over time and the time to recover the SLO.
+
+    \b
+    Example: simrec regime scenarios/helm_switch.yaml --switch-s 40 --static 0.55 --static 0.2
+    """
+    from . import regime_switch
+    argv = [str(_scenario_arg(scenario)), "--window-s", str(window_s), "--hold", str(hold)]
+    for share in static:
+        argv += ["--static", str(share)]
+    for flag, value in (("--start", start), ("--switch-s", switch_s), ("--out", out)):
+        if value is not None:
+            argv += [flag, str(value)]
+    try:
+        regime_switch.main(argv)
+    except InputError as e:
+        _fail(e, scenario)
+
+
+@app.command()
 def compare(folders: list[Path] = typer.Argument(..., metavar="DIR", help="run, sweep or capacity "
                                                                             "folders; the first is the reference"),
             out_dir: Optional[Path] = typer.Option(None, "--out", "-o",

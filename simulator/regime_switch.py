@@ -17,7 +17,7 @@ requests. `switch_table` then reads, per policy, from the requests and the time 
 
 Run from a shell (prints a table, writes one results folder per policy under --out):
 
-    python -m simrec.regime_switch scenarios/helm_switch.yaml --switch-s 40 --static 0.55 --static 0.2
+    simrec regime scenarios/helm_switch.yaml --switch-s 40 --static 0.55 --static 0.2
 """
 
 from __future__ import annotations

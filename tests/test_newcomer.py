@@ -36,7 +36,7 @@ SHORTER = {
 NEEDS_TORCH = {"calibrate", "testbed"}
 # Tens of seconds to minutes of CPU even shortened (test_calibrate.py covers calibrate on a
 # tiny grid): run them with SIMREC_SLOW_TESTS=1.
-LONG = {"calibrate", "fidelity"}
+LONG = {"calibrate", "fidelity", "regime"}
 UTILISATION_LIMIT = 0.8
 
 
