@@ -611,10 +611,13 @@ def schema(sweep_: bool = typer.Option(False, "--sweep", help="the schema of swe
 def _missed_target(sc: Scenario, summary: dict) -> list[str]:
     """A stopping rule that ran out of replications before its precision target."""
     rel, p99 = sc.run.p99_halfwidth_rel, summary["metrics"]["e2e"]["p99_ms"]
-    if rel is None or p99.get("lo") is None or not p99.get("mean"):
+    if rel is None or not p99.get("mean") or any("p99_halfwidth_rel" in w for w in summary["warnings"]):
         return []
+    if p99.get("lo") is None or p99.get("hi") is None:     # the data cannot bound it yet
+        return [f"run.p99_halfwidth_rel: stopped at max_replications ({summary['replications']}) "
+                f"without a bounded P99 interval, short of the {rel:g} target"]
     half = (p99["hi"] - p99["lo"]) / 2 / p99["mean"]
-    if half <= rel or any("p99_halfwidth_rel" in w for w in summary["warnings"]):
+    if half <= rel:
         return []
     return [f"run.p99_halfwidth_rel: stopped at max_replications ({summary['replications']}) with the "
             f"P99's CI half-width at {half:.3g} of the P99, above the {rel:g} target"]

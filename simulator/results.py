@@ -23,7 +23,8 @@ from .cascade import Replication, warmup_cut_ms
 from .errors import InputError
 from .folders import atomic_folder, safe_name
 from .relay import (ADMITTED, DRAM, HIT, PRE_OUTCOMES, PREFIX_OUTCOMES, REJECTED, REMOTE)
-from .stats import CI_LEVEL, CI_METHOD, describe, interval
+from .stats import (CI_LEVEL, CI_METHOD_PER_METRIC, PERCENTILES, describe, interval,
+                    interval_methods, metric_kind, pooled_percentile, trend)
 
 
 def scenario_sha256(scenario: sc.Scenario) -> str:
@@ -87,9 +88,12 @@ def replication_metrics(scenario: sc.Scenario, rep: Replication) -> dict:
         out["relay"] = relay_metrics(rep, measured)
         if rep.relay.hbm is not None:
             out["hbm"] = hbm_metrics(rep, measured, cut)
-    completed = np.isfinite(latency)
-    out["throughput_rps"] = float(completed.sum() / window_ms * 1000.0)
-    out["goodput_rps"] = float(ok.sum() / window_ms * 1000.0)
+    # Completed inside the window [cut, end] (NaN, never completed, compares False): an
+    # overloaded run's throughput is its capacity, not what it finished while draining.
+    completion = rep.completion_ms
+    out["throughput_rps"] = float(np.sum((completion >= cut) & (completion <= rep.end_ms))
+                                  / window_ms * 1000.0)
+    out["goodput_rps"] = float(np.sum(ok & (completion[measured] <= rep.end_ms)) / window_ms * 1000.0)
     out["slo_attainment"] = float(ok.mean()) if len(ok) else np.nan
     out["offered_rps"] = float(measured.sum() / window_ms * 1000.0)
     out["counts"] = {"created": int(len(arr)), "completed": int(np.sum(~np.isnan(rep.completion_ms))),
@@ -220,13 +224,22 @@ def time_average(steps: list[tuple[float, float]], lo: float, hi: float) -> floa
     return float((span * v).sum() / (hi - lo))
 
 
+def unbounded_warning(metrics: dict, replications: int) -> str | None:
+    """The end-to-end P99 has no upper confidence bound: the replications are too few or
+    too short for it (their tail events too rare), e.g. a stopping rule that ran out."""
+    p99 = metrics["e2e"]["p99_ms"]
+    if replications < 2 or p99["mean"] is None or p99["hi"] is not None:
+        return None
+    return (f"e2e.p99_ms has no upper 95% bound from {replications} replications (lower bound "
+            f"{p99['lo_one_sided']:.4g} ms): lengthen the replications or add more")
+
+
 def settling_warning(scenario: sc.Scenario, reps: list[Replication]) -> str | None:
     """Warn when the latency series has not settled: the mean latency of the first and the
-    second half of the measurement window differ beyond their paired 95% interval (and by
-    more than 5%), which means the warm-up was too short or the system is unstable."""
-    if len(reps) < 2:
-        return None
-    diffs, means = [], []
+    second half of the measurement window differ beyond their 95% interval (and by more
+    than 5%), which means the warm-up was too short or the system is unstable. The interval
+    is paired over replications, or with one replication from batch means (stats.trend)."""
+    firsts, seconds, means = [], [], []
     for rep in reps:
         cut = warmup_ms(scenario, rep)
         arr = rep.requests.arrival_ms
@@ -235,27 +248,58 @@ def settling_warning(scenario: sc.Scenario, reps: list[Replication]) -> str | No
         first, second = lat[(arr >= cut) & (arr < mid)], lat[arr >= mid]
         if len(first) == 0 or len(second) == 0:
             return None
-        diffs.append(np.mean(second) - np.mean(first))
+        firsts.append(first)
+        seconds.append(second)
         means.append(np.mean(lat[arr >= cut]))
-    d = interval(diffs)
-    if d["lo"] is None:   # unbounded latencies: requests never finished
+    if not reps:
+        return None
+    d = trend(firsts, seconds)
+    if d["mean"] is None or not np.all(np.isfinite(means)):   # requests never finished
         return "latency did not settle: some requests never finished (the system is overloaded)"
+    if d["lo"] is None:
+        return None
     if (d["lo"] > 0 or d["hi"] < 0) and abs(d["mean"]) > 0.05 * np.mean(means):
-        trend = "rising" if d["mean"] > 0 else "falling"
-        return (f"latency has not settled: mean latency is {trend} between the halves of the "
+        direction = "rising" if d["mean"] > 0 else "falling"
+        return (f"latency has not settled: mean latency is {direction} between the halves of the "
                 f"measurement window by {d['mean']:+.3g} ms (95% CI {d['lo']:+.3g}..{d['hi']:+.3g}); "
                 f"lengthen the warm-up or the run, or the system is overloaded")
     return None
 
 
-def _merge(per_rep: list[dict]) -> dict:
-    """Turn a list of same-shaped nested dicts of numbers into intervals."""
+def _merge(per_rep: list[dict], path: str = "") -> dict:
+    """Turn a list of same-shaped nested dicts of numbers into intervals, each of the kind
+    its path asks for (stats.metric_kind; list items take their list's path). Percentiles
+    get a placeholder here: `pooled_percentiles` replaces them."""
     first = per_rep[0]
     if isinstance(first, dict):
-        return {k: _merge([r[k] for r in per_rep]) for k in first}
+        return {k: _merge([r[k] for r in per_rep], f"{path}.{k}" if path else k) for k in first}
     if isinstance(first, list):
-        return [_merge([r[i] for r in per_rep]) for i in range(len(first))]
-    return interval(per_rep)
+        return [_merge([r[i] for r in per_rep], path) for i in range(len(first))]
+    kind = metric_kind(path)
+    return interval(per_rep, kind="nonnegative" if kind == "percentile" else kind)
+
+
+def measured_latency(scenario: sc.Scenario, rep: Replication, key: str = "e2e") -> np.ndarray:
+    """The measured requests' end-to-end latency (key "e2e") or a stage's sojourn (key: the
+    stage's name), in arrival order, +inf where never finished."""
+    arr = rep.requests.arrival_ms
+    measured = arr >= warmup_ms(scenario, rep)
+    if key == "e2e":
+        x = rep.completion_ms[measured] - arr[measured]
+    else:
+        rec = rep.columns(key)
+        x = (rec["start_ms"] - rec["enter_ms"] + rec["service_ms"])[measured]
+    return np.where(np.isnan(x), np.inf, x)
+
+
+def pooled_percentiles(scenario: sc.Scenario, reps: list[Replication], metrics: dict) -> None:
+    """Replace the merged percentiles in `metrics` by those of all replications' measured
+    samples pooled (stats.pooled_percentile), one latency series at a time."""
+    for key in ["e2e", *scenario.stages]:
+        node = metrics["e2e"] if key == "e2e" else metrics["stages"][key]
+        samples = [measured_latency(scenario, r, key) for r in reps]
+        for name, q in PERCENTILES.items():
+            node[f"{name}_ms"] = pooled_percentile(samples, q)
 
 
 FLAT_SKIP = frozenset({"p99_attribution"})
@@ -467,8 +511,10 @@ def summarise(scenario: sc.Scenario, reps: list[Replication],
     per_rep = [replication_metrics(scenario, r) for r in reps] if per_rep is None else \
         [{**m} for m in per_rep]
     counts = [m.pop("counts") for m in per_rep]
+    metrics = _merge(per_rep)
+    pooled_percentiles(scenario, reps, metrics)
     engine = engine_info(scenario, reps, engine)
-    warnings = [w for w in [settling_warning(scenario, reps)] if w]
+    warnings = [w for w in [settling_warning(scenario, reps), unbounded_warning(metrics, len(reps))] if w]
     if engine["requested"] == "fast" and "simpy" in engine["used"]:
         warnings.append(f"run.engine fast: SimPy ran instead ({'; '.join(engine['notes'])})")
     tables = cost_tables(scenario.model_dump(mode="json"))
@@ -483,7 +529,8 @@ def summarise(scenario: sc.Scenario, reps: list[Replication],
         "scenario": scenario.model_dump(mode="json"),
         "seed": scenario.run.seed,
         "replications": len(reps),
-        "ci": {"level": CI_LEVEL, "method": CI_METHOD},
+        "ci": {"level": CI_LEVEL, "method": CI_METHOD_PER_METRIC},
+        "interval_methods": interval_methods(),
         "time_unit": "ms",
         "cost_tables": tables,
         "requests": {"created": sum(c["created"] for c in counts),
@@ -493,7 +540,7 @@ def summarise(scenario: sc.Scenario, reps: list[Replication],
         "extrapolated_lookups": {name: sum(r.extrapolated[name] for r in reps) for name in scenario.stages},
         "warnings": warnings,
         "engine": engine,
-        "metrics": _merge(per_rep),
+        "metrics": metrics,
     }
     return Results(scenario, summary, reps)
 

@@ -6,9 +6,9 @@ from typing import Callable
 
 from .cascade import Prepared, run_replication
 from .progress import board_slot
-from .results import Results, replication_metrics, summarise
+from .results import Results, measured_latency, replication_metrics, summarise
 from .scenario import Scenario
-from .stats import interval
+from .stats import pooled_percentile
 
 
 def simulate(scenario: Scenario, progress: Callable[[int, int], None] | None = None,
@@ -44,7 +44,7 @@ SIMULATED_SHARE = 0.99
 
 def _simulate(scenario: Scenario, progress, adjust, engine) -> Results:
     run = scenario.run
-    reps, per_rep = [], []
+    reps, per_rep, latency = [], [], []
     planned = run.replications
     while len(reps) < planned:
         within = None
@@ -55,8 +55,8 @@ def _simulate(scenario: Scenario, progress, adjust, engine) -> Results:
         reps.append(rep)
         per_rep.append(replication_metrics(scenario, rep))
         if run.p99_halfwidth_rel is not None:
-            p99s = [m["e2e"]["p99_ms"] for m in per_rep]
-            if len(reps) == planned and planned < run.max_replications and not _precise(p99s, run):
+            latency.append(measured_latency(scenario, rep))      # the pooled P99, as summarised
+            if len(reps) == planned and planned < run.max_replications and not _precise(latency, run):
                 planned += 1
         if progress is not None and len(reps) < planned:
             progress(len(reps), planned)
@@ -66,8 +66,8 @@ def _simulate(scenario: Scenario, progress, adjust, engine) -> Results:
     return results
 
 
-def _precise(p99s: list[float], run) -> bool:
-    p99 = interval(p99s)
-    if p99["lo"] is None or not p99["mean"]:
+def _precise(latency: list, run) -> bool:
+    p99 = pooled_percentile(latency, 99.0)
+    if p99["lo"] is None or p99["hi"] is None or not p99["mean"]:
         return False
     return (p99["hi"] - p99["lo"]) / 2 <= run.p99_halfwidth_rel * p99["mean"]

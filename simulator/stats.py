@@ -9,11 +9,11 @@ interval is given. The method depends on the quantity (`metric_kind`, `INTERVAL_
 - proportions (SLO attainment, hit rates, fractions, utilisation): Korn-Graubard, i.e.
   Clopper-Pearson at the effective sample size that the replications' spread implies;
   always inside [0, 1];
-- latency percentiles: the percentile of all replications' measured samples pooled, with a
-  Woodruff interval (the replications' spread of the empirical CDF at the estimate, turned
-  back into latencies through the pooled CDF). The mean of per-replication P99s is biased
-  low when replications are short (a percentile is not linear in the samples); the pooled
-  one is not, and its bounds are sample values, so never negative;
+- latency percentiles: the percentile of all replications' measured samples pooled, with
+  an interval by inverting the proportion interval of the pooled CDF (its spread over
+  replications). The mean of per-replication P99s is biased low when replications are
+  short (a percentile is not linear in the samples); the pooled one is not, and its bounds
+  are sample values, so never negative;
 - every other figure (means, rates, counts, bytes: all >= 0): Student-t, cut at 0. The
   quantity cannot be negative, so cutting the interval there never lowers its coverage.
 """
@@ -36,9 +36,13 @@ NONNEGATIVE = "student-t over replications, cut at 0 (the quantity cannot be neg
 PROPORTION = ("Korn-Graubard: Clopper-Pearson at the effective sample size p(1-p)/var from the "
               "replications' spread, t-adjusted (replications as the unit when they all agree); "
               "inside [0, 1]")
-PERCENTILE = ("pooled percentile of every replication's measured samples; Woodruff interval: "
-              "t interval over replications of the empirical CDF at the estimate, inverted "
-              "through the pooled CDF (upper bound null: the data cannot bound it)")
+PERCENTILE = ("pooled percentile of every replication's measured samples; interval by test "
+              "inversion: latencies x whose pooled CDF F(x) has the percentile's level inside "
+              "its Korn-Graubard interval (effective sample size from the spread of F(x) over "
+              "replications, or over batches within them if larger); where the data cannot bound "
+              "the percentile from above, lo and hi are null and lo_one_sided is the lower bound")
+MAX_N = 1e12             # effective sample sizes are capped here (no spread: rounding)
+ROUNDING = 1e-9          # relative slack for a value at its range's edge from rounding
 KINDS = {"real": T, "nonnegative": NONNEGATIVE, "proportion": PROPORTION, "percentile": PERCENTILE}
 
 # Metric path pattern (dotted, as in `results.flat_metrics`) -> kind; the first match wins.
@@ -51,6 +55,7 @@ METRIC_KINDS: list[tuple[str, str]] = [
     ("relay.triggered_fraction", "proportion"),
     ("hbm.emb_hit_rate", "proportion"),
     ("hbm.emb_fraction_*", "proportion"),
+    ("history.*.hit_ratio.*", "proportion"),
     ("*", "nonnegative"),
 ]
 
@@ -91,14 +96,16 @@ def interval(values, level: float = CI_LEVEL, kind: str = "real") -> dict:
     lo = hi = None
     if len(v) >= 2 and np.all(np.isfinite(v)):
         if kind == "proportion":
-            if np.any((v < 0) | (v > 1)):
+            # (a busy fraction may be 1 + 2e-16 from rounding: clipped; beyond that an error)
+            if np.any((v < -ROUNDING) | (v > 1 + ROUNDING)):
                 raise ValueError("a proportion must lie in [0, 1] in every replication")
-            lo, hi = proportion_bounds(mean, float(np.var(v, ddof=1)) / len(v), len(v), level)
+            mean = p = min(max(mean, 0.0), 1.0)
+            lo, hi = proportion_bounds(p, float(np.var(v, ddof=1)) / len(v), len(v), level)
         else:
             half = _t(level, len(v) - 1) * float(np.std(v, ddof=1)) / math.sqrt(len(v))
             lo, hi = mean - half, mean + half
             if kind == "nonnegative":
-                if np.any(v < 0):
+                if np.any(v < -ROUNDING * (1 + np.max(np.abs(v)))):
                     raise ValueError("a nonnegative quantity is negative in a replication")
                 lo, hi = max(lo, 0.0), max(hi, 0.0)
     return {"mean": _finite(mean), "lo": lo, "hi": hi, "replications": [_finite(x) for x in v]}
@@ -114,25 +121,26 @@ def proportion_bounds(p: float, var: float, replications: int,
     from scipy import stats
     p = min(max(p, 0.0), 1.0)
     r = replications
-    n = p * (1 - p) / var if var > 0 and 0 < p < 1 else float(r)
-    n *= (float(stats.norm.ppf(0.5 + level / 2)) / _t(level, r - 1)) ** 2
+    n = min(p * (1 - p) / var, MAX_N) if var > 0 and 0 < p < 1 else float(r)
+    n *= (_z(level) / _t(level, r - 1)) ** 2
     x, a = p * n, (1 - level) / 2
     lo = 0.0 if x <= 0 else float(stats.beta.ppf(a, x, n - x + 1))
     hi = 1.0 if x >= n else float(stats.beta.ppf(1 - a, x + 1, n - x))
-    return min(lo, p), max(hi, p)
+    # (beta.ppf fails only at extreme shapes: the widest answer then)
+    return (min(lo, p) if math.isfinite(lo) else 0.0), (max(hi, p) if math.isfinite(hi) else 1.0)
 
 
 def pooled_percentile(samples, q: float, level: float = CI_LEVEL) -> dict:
-    """The q-th percentile (0-100) of all replications' samples pooled, with a Woodruff
-    interval whose spread comes from the replications.
+    """The q-th percentile (0-100) of all replications' samples pooled, with an interval
+    whose spread comes from the replications (see `_inverted_bounds`).
 
-    `samples`: one array per replication (inf for a request that never finished). With
-    F_i the fraction of replication i's samples at or under the pooled estimate, the
-    variance of the pooled CDF there is the ratio estimator's over replications; the
-    bounds are the pooled percentiles at q/100 -+ t se (never below the i.i.d. binomial
-    se, since queueing latencies are positively correlated). An upper level above 1 means
-    the data cannot bound the percentile from above: hi is None. "replications" lists the
-    per-replication percentiles (what one run of this length would show)."""
+    `samples`: one array per replication, in arrival order (inf for a request that never
+    finished). Where the data cannot bound the percentile from above, lo and hi are None
+    and "lo_one_sided" holds the lower bound.
+    "replications" lists the per-replication percentiles (what one run of this length
+    would show); "spread" is the coefficient of variation over replications of the
+    fraction of samples above the estimate (above about 1, replications are short for
+    this percentile: their tail events are few and the interval is less reliable)."""
     if not (isinstance(q, (int, float)) and 0 < q < 100):
         raise ValueError(f"percentile must be in (0, 100) (got {q!r})")
     _check([], level)
@@ -149,20 +157,103 @@ def pooled_percentile(samples, q: float, level: float = CI_LEVEL) -> dict:
     sizes = np.array([len(s) for s in parts], float)
     if len(parts) < 2 or not math.isfinite(est) or np.any(sizes == 0):
         return out
-    n_all, p = len(pooled), q / 100
-    below = np.array([np.count_nonzero(s <= est) for s in parts], float)
-    f = below.sum() / n_all
-    r = len(parts)
-    var = r / (r - 1) * float(np.sum((below - f * sizes) ** 2)) / n_all**2
-    # On the logit scale (a tail probability is skewed: the spread of 1 - F over
-    # replications is nearly log-normal; for an exponential tail logit F is linear in x).
-    half = _t(level, r - 1) * math.sqrt(max(var, p * (1 - p) / n_all)) / (p * (1 - p))
-    centre = math.log(p / (1 - p))
-    p_lo, p_hi = (1 / (1 + math.exp(-(centre + h))) for h in (-half, half))
-    lo = _percentile(pooled, 100 * p_lo)
-    hi = _percentile(pooled, 100 * p_hi) if p_hi <= 1 - 1 / n_all else math.inf
-    out["lo"], out["hi"] = _finite(lo), _finite(hi)
+    above = np.array([np.count_nonzero(s > est) / len(s) for s in parts])
+    out["spread"] = _finite(float(above.std(ddof=1) / above.mean())) if above.mean() > 0 else None
+    batches = [np.sort(b) for s in parts for b in np.array_split(s, min(BATCHES, len(s)))]
+    lo, hi = _inverted_bounds([np.sort(s) for s in parts], batches, np.sort(pooled), est,
+                              q / 100, level)
+    if math.isfinite(hi):
+        out["lo"], out["hi"] = lo, hi
+    else:      # one-sided: null lo and hi, as every reader of a summary expects of "no interval"
+        out["lo_one_sided"] = lo
     return out
+
+
+CANDIDATES = 400     # pooled order statistics tried on each side of a percentile estimate
+
+
+BATCHES = 10         # batches of consecutive requests per replication, for the design effect
+
+
+def _inverted_bounds(parts: list[np.ndarray], batches: list[np.ndarray], pooled: np.ndarray,
+                     est: float, p: float, level: float) -> tuple[float, float]:
+    """Bounds of the p-quantile by test inversion: a latency x is inside when p lies in the
+    Korn-Graubard interval of the pooled CDF at x, F(x), whose effective sample size comes
+    from the replications' spread of their own CDFs at x (never above the i.i.d. count:
+    queueing latencies are positively correlated). Tried at pooled order statistics on each
+    side of the estimate; (lo, inf) when even the largest one short of the maximum is inside
+    (the data cannot bound the quantile), lo 0 likewise below. `parts` and `pooled` sorted."""
+    from scipy import stats
+    n_all, r = len(pooled), len(parts)
+    sizes = np.array([len(s) for s in parts], float)
+    k_est = int(np.searchsorted(pooled, est, "left"))
+    adj = (_z(level) / _t(level, r - 1)) ** 2
+    a = (1 - level) / 2
+
+    bsizes = np.array([len(b) for b in batches], float)
+    nb = len(batches)
+
+    def spread(units: list[np.ndarray], size: np.ndarray, x: np.ndarray):
+        below = np.array([np.searchsorted(s, x, "right") for s in units], float)   # units x k
+        f = below.sum(0) / n_all
+        m = len(units)
+        return f, m / (m - 1) * ((below - f * size[:, None]) ** 2).sum(0) / n_all**2
+
+    def ends(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        f, var = spread(parts, sizes, x)
+        # The replications' spread is unbiased but, from few of them, noisy; batches within
+        # replications give a steadier (if low) one: the larger of the two.
+        if nb > r:
+            var = np.maximum(var, spread(batches, bsizes, x)[1])
+        inner = (var > 0) & (f > 0) & (f < 1)
+        n = np.where(inner, np.minimum(f * (1 - f) / np.where(inner, var, 1), n_all), n_all) * adj
+        y = f * n
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f_lo = np.where(y > 0, stats.beta.ppf(a, y, n - y + 1), 0.0)
+            f_hi = np.where(y < n, stats.beta.ppf(1 - a, y + 1, n - y), 1.0)
+        return f, f_lo, f_hi
+
+    # Upper side: order statistics above the estimate, denser near it; the maximum is left
+    # out (all replications' CDFs are 1 there: their spread says nothing).
+    top = n_all - 1 - np.unique(np.geomspace(1, max(n_all - 1 - k_est, 1), CANDIDATES).astype(int))
+    top = np.unique(top[(top >= k_est) & (top < n_all - 1)])
+    hi = math.inf
+    if len(top):
+        x = pooled[top]                                   # ascending
+        inside = np.nonzero(ends(x)[1] <= p)[0]
+        last = inside.max() if len(inside) else -1
+        if last < len(x) - 1:                             # else: inside up to the maximum
+            hi = float(x[last + 1])                       # the first excluded one beyond
+    lo = 0.0
+    bot = np.unique(np.geomspace(1, max(k_est, 1), CANDIDATES).astype(int)) - 1
+    bot = np.unique(k_est - 1 - bot[(bot >= 0) & (bot < k_est)])[::-1]   # descending
+    if len(bot):
+        x = pooled[bot]
+        inside = np.nonzero(ends(x)[2] >= p)[0]
+        last = inside.max() if len(inside) else -1
+        if last < len(x) - 1:                             # else: inside down to the minimum
+            lo = float(x[last + 1])
+    return lo, hi
+
+
+def _z(level: float) -> float:
+    from scipy import stats
+    return float(stats.norm.ppf(0.5 + level / 2))
+
+
+def _cp_level(n: float, p: float, level: float, upper: bool) -> float:
+    """Test inversion for a quantile bound: the CDF level u whose Clopper-Pearson interval
+    at sample size n has p as its lower end (upper=True; 1 if none does: the quantile is
+    not bounded above), or l whose interval has p as its upper end (upper=False; 0 if none)."""
+    from scipy import optimize, stats
+    a = (1 - level) / 2
+    if upper:
+        def g(u):
+            return (float(stats.beta.ppf(a, u * n, n - u * n + 1)) if u < 1 else a ** (1 / n)) - p
+        return 1.0 if g(1.0) <= 0 else float(optimize.brentq(g, p, 1.0, xtol=1e-12))
+    def h(v):
+        return (float(stats.beta.ppf(1 - a, v * n + 1, n - v * n)) if v > 0 else 1 - a ** (1 / n)) - p
+    return 0.0 if h(0.0) >= 0 else float(optimize.brentq(h, 0.0, p, xtol=1e-12))
 
 
 def _percentile(x: np.ndarray, q: float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def test_sweep_capacity_and_report_commands(tmp_path):
                "--variant", "two:stages.back.nodes.count=2", "--executor", "serial", "--out", tmp_path / "sw")
     assert r.exit_code == 0, r.output + r.stderr
     assert {"sweep.json", "points.parquet", "report.html"} <= {p.name for p in (tmp_path / "sw").iterdir()}
-    assert r.output.count("one") == 2 and r.output.count("two") == 2
+    assert len(re.findall(r"\bone\b", r.output)) == 2 and len(re.findall(r"\btwo\b", r.output)) == 2
     r = invoke("capacity", scen, "--param", "workload.rate_qps", "--max-evals", "4",
                "--out", tmp_path / "cap", "--no-report")
     assert r.exit_code == 0, r.output + r.stderr

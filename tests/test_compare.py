@@ -38,12 +38,15 @@ def test_compare_runs_and_sweep_points(folders):
     assert entries[2].label.startswith("s#0") and "rate_qps=150" in entries[2].label
     p99 = table[table["metric"] == "e2e.p99_ms"].set_index("entry")
     assert p99.loc[0, "diff"] == 0
-    # run vs run, equal replication counts: the paired interval of the per-replication differences
-    ra, rb = (simrec.load_results(f).metric("e2e.p99_ms")["replications"] for f in (a, b))
-    expected = interval(np.subtract(rb, ra))
+    # run vs run, equal replication counts: the difference of the two estimates (pooled P99s),
+    # with the half-width of the paired interval of the per-replication differences
+    ma, mb = (simrec.load_results(f).metric("e2e.p99_ms") for f in (a, b))
+    paired = interval(np.subtract(mb["replications"], ma["replications"]))
+    half = (paired["hi"] - paired["lo"]) / 2
     assert p99.loc[1, "diff_method"] == "paired"
-    assert p99.loc[1, "diff"] == pytest.approx(expected["mean"])
-    assert (p99.loc[1, "diff_lo"], p99.loc[1, "diff_hi"]) == pytest.approx((expected["lo"], expected["hi"]))
+    assert p99.loc[1, "diff"] == pytest.approx(mb["mean"] - ma["mean"])
+    assert (p99.loc[1, "diff_lo"], p99.loc[1, "diff_hi"]) == pytest.approx(
+        (mb["mean"] - ma["mean"] - half, mb["mean"] - ma["mean"] + half))
     assert p99.loc[2, "diff_method"] == "welch"          # a sweep point keeps no replications
     assert p99.loc[1, "diff"] > 0                        # more load, longer tail
     out = root / "out"

@@ -16,7 +16,9 @@ from typer.main import get_command
 from typer.testing import CliRunner
 
 import simrec
-from simrec.cli import app
+from simrec.cli import app, scenarios_dir
+
+SHIPPED = scenarios_dir()        # the checkout's scenarios/, or the installed package's copy
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()
@@ -25,7 +27,7 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 # Shorter runs where an example allows it: the example itself is what a reader types; these
 # only cut its length (never its load) so the whole file stays well under a minute.
 SHORTER = {
-    "run": ["--set", "run.replications=2", "--set", "run.duration_s=4"],
+    "run": ["--set", "run.replications=4", "--set", "run.duration_s=3"],
     "sweep": ["--set", "run.replications=2", "--set", "run.duration_s=3", "--executor", "serial"],
     "capacity": ["--set", "run.replications=2", "--set", "run.duration_s=2", "--max-evals", "3",
                  "--no-report"],
@@ -194,7 +196,7 @@ def test_init_copies_and_never_overwrites(tmp_path):
 
 def test_run_accepts_a_shipped_name(tmp_path):
     r = invoke(tmp_path, ["validate", "mmc"])
-    assert r.exit_code == 0 and r.stdout.startswith(f"{ROOT / 'scenarios' / 'mmc.yaml'}: ok")
+    assert r.exit_code == 0 and r.stdout.startswith(f"{SHIPPED / 'mmc.yaml'}: ok")
 
 
 def test_run_identity_and_folder_mode(tmp_path):
@@ -217,7 +219,7 @@ def test_run_identity_and_folder_mode(tmp_path):
         assert cmd[:3] == ["simrec", "run", "mmc"]
         assert s["overrides"] == [cmd[i + 1] for i, a in enumerate(cmd) if a == "--set"]
         assert s["version"]["simrec"] == simrec.__version__ and "git_commit" in s["version"]
-        assert s["effective_scenario"]["file"] == str(ROOT / "scenarios" / "mmc.yaml")
+        assert s["effective_scenario"]["file"] == str(SHIPPED / "mmc.yaml")
     by_rate = {json.loads((tmp_path / "results" / n / "summary.json").read_text())["scenario"]["workload"]["rate_qps"]: n
                for n in folders}
     variant = json.loads((tmp_path / "results" / by_rate[200] / "summary.json").read_text())

@@ -46,7 +46,7 @@ def check_report(folder: Path, written: list[Path], plots: set[str]) -> str:
 # ------------------------------------------------------------------ run folders
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory) -> Path:
-    sc = simrec.load_scenario("scenarios/default.yaml", ["run.duration_s=2", "run.replications=2"])
+    sc = simrec.load_scenario("scenarios/default.yaml", ["run.duration_s=3", "run.replications=4"])
     return simrec.simulate(sc).write(tmp_path_factory.mktemp("run") / "default")
 
 

@@ -115,7 +115,7 @@ def test_sweep_from_python_matches_the_cli_folder(tmp_path):
     from simrec.sweep import load_spec, run_sweep
     spec = tmp_path / "s.yaml"
     spec.write_text(f"base: {Path(MMC).resolve()}\n"
-                    "grid: {workload.rate_qps: [150, 200]}\nset: {run.requests: 1500, run.replications: 2}\n")
+                    "grid: {workload.rate_qps: [150, 200]}\nset: {run.requests: 1500, run.replications: 4}\n")
     res = simrec.sweep(spec, out=tmp_path / "py", executor="serial")
     assert isinstance(res, simrec.SweepResults) and len(res.points) == 2 and len(res.summaries) == 2
     spec_obj, base = load_spec(spec)
@@ -130,7 +130,7 @@ def test_sweep_from_python_matches_the_cli_folder(tmp_path):
         loaded.metric("e2e.p99ms")
     # a dict spec with the base given as a Scenario: the same points
     d = simrec.sweep({"grid": {"workload.rate_qps": [150, 200]},
-                      "set": {"run.requests": 1500, "run.replications": 2}},
+                      "set": {"run.requests": 1500, "run.replications": 4}},
                      base=simrec.load_scenario(MMC), executor="serial")
     assert d.points.equals(res.points)
 

@@ -95,3 +95,81 @@ def test_utilisation_matches_offered_load():
     ok, est, half = ci_contains(res.metric("utilisation", "q", "stage")["replications"],
                                 lam * mean_s / 1000 / c)
     assert ok, (est, half)
+
+
+# ------------------------------------------------------------------ percentile coverage
+# Issue 14, class 9. The exact M/M/1 and M/M/c sojourn-time percentiles against the 95%
+# intervals of simrec's summary, over many seeds: the interval must cover the exact value
+# at about its nominal rate, at short and long replications, with and without the stopping
+# rule. (The old estimator, the mean of per-replication P99s with a t interval, covered the
+# M/M/1 rho 0.9 P99 in 71 of 100 seeds: a percentile is not linear in the samples, so short
+# replications bias it low.) A binomial count of 40 at a true 95% falls under 36 with
+# probability 0.14; the seeds are fixed for reproducibility, not chosen.
+
+SEEDS = range(2000, 2040)
+
+
+def mmc_sojourn_percentile(c: int, lam: float, mu: float, q: float) -> float:
+    """Exact q-th percentile (ms) of the FIFO M/M/c sojourn time: the wait is 0 with
+    probability 1 - C (Erlang C), else exponential at c mu - lambda; plus Exp(mu) service."""
+    from scipy.optimize import brentq
+    C, th = erlang_c(c, lam, mu), c * mu - lam
+
+    def survival(t):
+        tail = (th * math.exp(-mu * t) - mu * math.exp(-th * t)) / (th - mu) if th != mu \
+            else (1 + mu * t) * math.exp(-mu * t)
+        return (1 - C) * math.exp(-mu * t) + C * tail
+    return 1000 * brentq(lambda t: survival(t) - (1 - q / 100), 0.0, 1e3)
+
+
+def test_mmc_percentile_closed_form():
+    # c = 1 is M/M/1: exponential sojourn at mu - lambda.
+    assert mmc_sojourn_percentile(1, 70, 100, 99) == pytest.approx(1000 * math.log(100) / 30, rel=1e-9)
+    assert mmc_sojourn_percentile(1, 70, 100, 50) == pytest.approx(1000 * math.log(2) / 30, rel=1e-9)
+    # M/M/3 at 240/s, 10 ms: the mean of the same distribution is Wq + 1/mu (Erlang C).
+    from scipy.integrate import quad
+    mean = quad(lambda q: mmc_sojourn_percentile(3, 240, 100, q), 1e-9, 100 - 1e-9, limit=200)[0] / 100
+    assert mean == pytest.approx(10.79 + 10, abs=0.02)
+
+
+def coverage(c: int, lam: float, requests: int, replications: int, **run) -> dict:
+    """Per percentile: seeds whose 95% interval covers the exact value, and seeds with an
+    upper bound at all (an unbounded one says the data cannot bound the percentile)."""
+    exact = {k: mmc_sojourn_percentile(c, lam, 100.0, q) for k, q in (("p50_ms", 50), ("p99_ms", 99))}
+    out = {k: {"covered": 0, "bounded": 0, "replications": []} for k in exact}
+    for seed in SEEDS:
+        res = simrec.simulate(scenario({"q": station(c)}, lam, requests=requests,
+                                       replications=replications, seed=seed, **run))
+        for k, x in exact.items():
+            m = res.metric("e2e", k)
+            lo = m["lo"] if m["hi"] is not None else m["lo_one_sided"]   # (unbounded above)
+            assert 0 <= lo <= m["mean"] and (m["hi"] is None or m["mean"] <= m["hi"])
+            out[k]["covered"] += lo <= x and (m["hi"] is None or x <= m["hi"])
+            out[k]["bounded"] += m["hi"] is not None
+            out[k]["replications"].append(res.summary["replications"])
+    return out
+
+
+def check_coverage(cov: dict, bounded_at_least: float = 0.9) -> None:
+    n = len(SEEDS)
+    for k, v in cov.items():
+        assert v["covered"] >= 0.9 * n, (k, v["covered"], n)
+        # ... and not by giving up: the interval has an upper bound in most seeds.
+        assert v["bounded"] >= bounded_at_least * n, (k, v["bounded"], n)
+
+
+@pytest.mark.parametrize("c,lam,requests,replications", [
+    (1, 70.0, 2_000, 10),      # M/M/1 at rho 0.7, short: 1,800 measured requests a replication
+    (1, 70.0, 8_000, 8),       # long
+    (3, 180.0, 2_000, 10),     # M/M/3 at rho 0.6, short
+    (3, 180.0, 8_000, 8),      # long
+])
+def test_percentile_interval_coverage(c, lam, requests, replications):
+    check_coverage(coverage(c, lam, requests, replications))
+
+
+def test_percentile_interval_coverage_with_stopping_rule():
+    cov = coverage(1, 50.0, 2_000, replications=3, p99_halfwidth_rel=0.1, max_replications=40)
+    check_coverage(cov, bounded_at_least=1.0)      # the rule stops only once it is bounded
+    reps = cov["p99_ms"]["replications"]
+    assert max(reps) > 3, reps                     # the rule did add replications
