@@ -87,6 +87,11 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
             raise InputError(f"unknown metric {metric!r} (e.g. e2e.p99_ms, stages.<name>.p99_ms)",
                              "--metric")
         lo, hi = row[metric + "_lo"], row[metric + "_hi"]
+        if lo is None and hi is None:     # a percentile the data cannot bound above: its
+            node = summary["metrics"]      # one-sided lower bound still decides a fail
+            for part in metric.split("."):
+                node = node.get(part, {}) if isinstance(node, dict) else {}
+            lo = node.get("lo_one_sided") if isinstance(node, dict) else None
         if hi is not None and hi <= slo_ms:
             verdict = "pass"
         elif row[metric] is None or lo is not None and lo > slo_ms:
