@@ -215,7 +215,7 @@ class Relay:
             extras.append(extra)
         t = sum(extras)
         share = {}
-        for phase, g in groups.items():        # rank_cached before full_forward: dict order
+        for phase, g in groups.items():        # in the order the batch first meets each phase
             L, M = max(j.L for j in g), max(j.M for j in g)
             tg = self.batch_ms(phase, L, M, len(g))
             t += tg
