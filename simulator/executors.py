@@ -86,6 +86,12 @@ def input_files(scenario_data: dict) -> dict[str, Path]:
                     files[f"stages.{name}.service.{key}.table_file"] = manifest.parent / table_file
         if service.get("profile"):
             files[f"stages.{name}.service.profile"] = Path(service["profile"])
+        if service.get("kind") == "kernels":          # kernel tables (and their phase tables)
+            for i, ref in enumerate([service["table"], *service.get("overhead_from", ())]):
+                folder = resolve(ref).parent
+                for f in ("kernels.parquet", "table.parquet"):
+                    if (folder / f).exists():
+                        files[f"stages.{name}.service.kernels.{i}.{f}"] = folder / f
     return files
 
 
