@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gr_models import DTYPES
+from .gr_models import DTYPES, _heads, _merge
 
 ARCHS = ("stca", "vista", "laser")
 QUERY_CHUNK_ELEMS = 1 << 27     # LASER: bound the materialised [B, h, m, L] score block
@@ -116,18 +116,6 @@ class ArchSpec:
         if self.arch != "stca":
             out.pop("chunk_tokens")
         return out
-
-
-def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
-    """[B, T, d] -> [B, h, T, d/h]."""
-    b, t, d = x.shape
-    return x.view(b, t, h, d // h).transpose(1, 2)
-
-
-def _merge(a: torch.Tensor) -> torch.Tensor:
-    """[B, h, T, hd] -> [B, T, h*hd]."""
-    b, h, t, hd = a.shape
-    return a.transpose(1, 2).reshape(b, t, h * hd)
 
 
 class SwiGLU(nn.Module):

@@ -11,9 +11,9 @@ import pandas as pd
 
 from simrec.compare import HIGHER_IS_BETTER, NOT_JUDGED
 
-from .figures import colour, new_figure, plain_log_axis, png_bytes, slo_line
+from .figures import colour, new_figure, png_bytes, slo_line
 from .html import MISSING, Plot, figure, note, num, page, paragraph, pct, table, with_ci
-from .latency import _ecdf, measured_latency
+from .latency import _ecdf, cdf_axes, measured_latency
 
 MAX_CDF_RUNS = 10      # overlaid curves beyond this are unreadable
 
@@ -44,23 +44,7 @@ def latency_cdfs(runs: list[tuple[str, np.ndarray]], slo_ms: float | None):
         tail.step(x, 1 - y, **kw)
         if len(lat):
             smallest = min(smallest or len(lat), len(lat))
-    for a in (ax, tail):
-        slo_line(a, slo_ms, axis="x")
-        a.set_xlabel("end-to-end latency (ms, log scale)")
-        a.grid(True, which="both", alpha=0.3)
-        a.set_xscale("log")
-        plain_log_axis(a.xaxis)
-    ax.axhline(0.99, color="0.4", linestyle=":", linewidth=1.2, label="P99 (F = 0.99)")
-    tail.axhline(0.01, color="0.4", linestyle=":", linewidth=1.2)
-    ax.set_ylim(0, 1.01)
-    ax.set_ylabel("fraction of requests ≤ x")
-    ax.set_title("End-to-end latency CDF (measured requests, pooled)")
-    tail.set_ylabel("fraction of requests > x (log scale)")
-    tail.set_title("Tail: P(latency > x)")
-    if smallest:
-        tail.set_yscale("log")
-        tail.set_ylim(0.5 / smallest, 1.05)
-        plain_log_axis(tail.yaxis)
+    cdf_axes(ax, tail, slo_ms, smallest or 0, "End-to-end latency CDF (measured requests, pooled)")
     ax.legend(loc="lower right", fontsize=7)
     return fig
 

@@ -43,6 +43,29 @@ def _ecdf(latency: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def cdf_axes(ax, tail, slo_ms: float | None, n: int, title: str, log_x: bool = True) -> None:
+    """The axes of a latency CDF (ax) and its tail P(latency > x) (tail) for n samples at
+    most: SLO line, log latency axis, P99 guides, titles; the tail's log axis reaches 1/n."""
+    for a in (ax, tail):
+        slo_line(a, slo_ms, axis="x")
+        a.set_xlabel("end-to-end latency (ms, log scale)")
+        a.grid(True, which="both", alpha=0.3)
+        if log_x:
+            a.set_xscale("log")
+            plain_log_axis(a.xaxis)
+    ax.axhline(0.99, color="0.4", linestyle=":", linewidth=1.2, label="P99 (F = 0.99)")
+    tail.axhline(0.01, color="0.4", linestyle=":", linewidth=1.2)
+    ax.set_ylim(0, 1.01)
+    ax.set_ylabel("fraction of requests ≤ x")
+    ax.set_title(title)
+    tail.set_ylabel("fraction of requests > x (log scale)")
+    tail.set_title("Tail: P(latency > x)")
+    if n:
+        tail.set_yscale("log")
+        tail.set_ylim(0.5 / n, 1.05)
+        plain_log_axis(tail.yaxis)          # reports render without mathtext (parse_math off)
+
+
 def latency_cdf(req: pd.DataFrame, slo_ms: float | None, name: str = "") -> Figure:
     """CDF of end-to-end latency (left) and its tail, P(latency > x) on a log axis (right)."""
     fig, (ax, tail) = new_figure((11.0, 4.8), ncols=2)
@@ -61,25 +84,8 @@ def latency_cdf(req: pd.DataFrame, slo_ms: float | None, name: str = "") -> Figu
     pooled = f"pooled ({len(lat):,} requests" + (f", {unfinished:,} unfinished)" if unfinished else ")")
     ax.step(x, y, where="post", color="black", linewidth=1.8, label=pooled)
     tail.step(x, 1 - y, where="post", color="black", linewidth=1.8)
-    for a in (ax, tail):
-        slo_line(a, slo_ms, axis="x")
-        a.set_xlabel("end-to-end latency (ms, log scale)")
-        a.grid(True, which="both", alpha=0.3)
-        if len(x):
-            a.set_xscale("log")
-            plain_log_axis(a.xaxis)
-    ax.axhline(0.99, color="0.4", linestyle=":", linewidth=1.2, label="P99 (F = 0.99)")
-    tail.axhline(0.01, color="0.4", linestyle=":", linewidth=1.2)
-    ax.set_ylim(0, 1.01)
-    ax.set_ylabel("fraction of requests ≤ x")
-    ax.set_title("End-to-end latency CDF (measured requests)")
-    tail.set_ylabel("fraction of requests > x (log scale)")
-    tail.set_title("Tail: P(latency > x)")
-    if len(lat):
-        tail.set_yscale("log")
-        tail.set_ylim(0.5 / len(lat), 1.05)
-        plain_log_axis(tail.yaxis)          # reports render without mathtext (parse_math off)
-    else:
+    cdf_axes(ax, tail, slo_ms, len(lat), "End-to-end latency CDF (measured requests)", len(x) > 0)
+    if not len(lat):
         ax.text(0.5, 0.5, "no measured requests", ha="center", transform=ax.transAxes)
     ax.legend(loc="lower right", fontsize=8)
     if name:
