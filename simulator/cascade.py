@@ -72,6 +72,25 @@ class StageRecords:
 
 
 @dataclass
+class RelayRecords:
+    """What is read of a finished relay once its replication's metrics are taken (the
+    requests table's relay columns): plain arrays, so a pool worker can send it back
+    (the live `Relay` holds SimPy processes)."""
+
+    stage_name: str
+    prefix: np.ndarray
+    pre: np.ndarray
+    hbm: "HbmRecords | None" = None
+
+
+@dataclass
+class HbmRecords:
+    ids: np.ndarray
+    misses: np.ndarray
+    emb_ms: np.ndarray
+
+
+@dataclass
 class Replication:
     """Everything one run produced, as arrays. Times in ms; NaN where never reached."""
 
@@ -85,7 +104,7 @@ class Replication:
     end_ms: float                           # last arrival
     stopped_ms: float                       # when the run stopped
     extrapolated: dict[str, int]
-    relay: Relay | None = None
+    relay: Relay | RelayRecords | None = None
     warmup_ms: float = 0.0                  # the measurement window is [warmup_ms, end_ms]
     engine: str = "simpy"                   # the engine that ran it
     engine_note: str | None = None          # why the fast engine did not (None: it did, or not asked)
@@ -134,6 +153,15 @@ class Replication:
         if self.completion is not None and np.array_equal(self._derived_completion(), self.completion,
                                                           equal_nan=True):
             self.completion = None
+        return self
+
+    def detached(self) -> "Replication":
+        """This replication with its relay reduced to `RelayRecords`: picklable, for a
+        pool worker to return once `replication_metrics` has read the live relay."""
+        r = self.relay
+        if isinstance(r, Relay):
+            hbm = None if r.hbm is None else HbmRecords(r.hbm.ids, r.hbm.misses, r.hbm.emb_ms)
+            self.relay = RelayRecords(r.stage_name, r.prefix, r.pre, hbm)
         return self
 
     @property

@@ -244,14 +244,14 @@ def run(scenario: Path = typer.Argument(..., help="scenario YAML file, or the na
         sc = _load(scenario, set_, seed)
         target = out_dir if out_dir is not None else Path("results") / run_id(sc)
         check_target(target)                   # refuse before the run, not after it
-        with _bar("replications") as bar:
+        with _bar("replications", pooled=executor == "local") as bar:
             bar.describe(sc.name, sc.run.replications)
             tick = bar.done
             if shards > 1:
                 from .shard import simulate_sharded
                 results = simulate_sharded(sc, shards, executor, workers, progress=tick)
             else:
-                results = simulate(sc, progress=tick)
+                results = simulate(sc, progress=tick, executor=executor, workers=workers)
         record_invocation(results, ["simrec", *ARGV], list(set_ or []), str(scenario))
         target = results.write(target, report_)
     except InputError as e:

@@ -75,6 +75,10 @@ class Relay:
     route: object = None             # (user, L, M, now) -> Node; default: the stage's router
     touched: np.ndarray | None = None   # per request: its prefix reference was recorded
 
+    @property
+    def stage_name(self) -> str:
+        return self.stage.name
+
     def __post_init__(self):
         self._medians: dict[tuple, float] = {}
         n = len(self.stage.nodes)

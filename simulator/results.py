@@ -625,7 +625,7 @@ def requests_part(scenario: sc.Scenario, rep: Replication, rows: slice = slice(N
         cols[f"{name}_batch"] = rec["batch"]
         cols[f"{name}_hop_ms"] = rec["hop_ms"]
     if rep.relay is not None:
-        name = rep.relay.stage.name
+        name = rep.relay.stage_name
         cols[f"{name}_prefix"] = _labels(rep.relay.prefix[rows], PREFIX_OUTCOMES)
         cols["pre_infer"] = _labels(rep.relay.pre[rows], PRE_OUTCOMES)
         if rep.relay.hbm is not None:

@@ -13,7 +13,8 @@ from .stats import pooled_percentile
 
 def simulate(scenario: Scenario, progress: Callable[[int, int], None] | None = None,
              adjust: Callable[[Prepared, int], None] | None = None,
-             engine: str | None = None) -> Results:
+             engine: str | None = None, executor: str = "serial",
+             workers: int | None = None) -> Results:
     """Run the scenario's replications and summarise them.
 
     `adjust(prepared, index)`, if given, may change each replication's runtime objects
@@ -30,11 +31,17 @@ def simulate(scenario: Scenario, progress: Callable[[int, int], None] | None = N
 
     Each replication's metrics are taken as soon as it finishes; what is kept of it is its
     compact records (the requests table is built from them when asked for).
+
+    `executor` local or ray runs the replications in parallel (`workers` processes for
+    local; the CLI's `run` does so by default). A replication depends only on the scenario
+    and its index, and the stopping rule takes them in index order, so the results are
+    byte-identical to serial ones; replications run ahead for the rule and not needed are
+    dropped. With `adjust` (a closure, not picklable) they run serially.
     """
     if progress is None:
         with board_slot() as slot:
-            return _simulate(scenario, slot, adjust, engine)
-    return _simulate(scenario, progress, adjust, engine)
+            return _simulate(scenario, slot, adjust, engine, executor, workers)
+    return _simulate(scenario, progress, adjust, engine, executor, workers)
 
 
 # A replication's arrivals count for this share of it; the whole number comes once its
@@ -42,18 +49,24 @@ def simulate(scenario: Scenario, progress: Callable[[int, int], None] | None = N
 SIMULATED_SHARE = 0.99
 
 
-def _simulate(scenario: Scenario, progress, adjust, engine) -> Results:
+def _simulate(scenario: Scenario, progress, adjust, engine, executor="serial", workers=None) -> Results:
     run = scenario.run
     reps, per_rep, latency = [], [], []
     planned = run.replications
+    ahead = None if executor == "serial" or adjust is not None else \
+        _Ahead(scenario, engine, executor, workers, progress)
     while len(reps) < planned:
-        within = None
-        if progress is not None:
-            within = lambda f, done=len(reps), planned=planned: progress(  # noqa: E731
-                done + SIMULATED_SHARE * f, planned)
-        rep = run_replication(scenario, len(reps), adjust, engine, within)
+        if ahead is not None:
+            rep, metrics = ahead.get(len(reps), planned)
+        else:
+            within = None
+            if progress is not None:
+                within = lambda f, done=len(reps), planned=planned: progress(  # noqa: E731
+                    done + SIMULATED_SHARE * f, planned)
+            rep = run_replication(scenario, len(reps), adjust, engine, within)
+            metrics = replication_metrics(scenario, rep)
         reps.append(rep)
-        per_rep.append(replication_metrics(scenario, rep))
+        per_rep.append(metrics)
         if run.p99_halfwidth_rel is not None:
             latency.append(measured_latency(scenario, rep))      # the pooled P99, as summarised
             if len(reps) == planned and planned < run.max_replications and not _precise(latency, run):
@@ -64,6 +77,47 @@ def _simulate(scenario: Scenario, progress, adjust, engine) -> Results:
     if progress is not None:
         progress(len(reps), planned)
     return results
+
+
+class _Ahead:
+    """Replications computed on an executor, a wave at a time, handed out by index: the
+    first wave is the planned ones (or a replication per worker, if more, when the stopping
+    rule may want them), each later one a replication per worker."""
+
+    def __init__(self, scenario: Scenario, engine, executor: str, workers, progress):
+        import os
+        self.data = scenario.model_dump(mode="json")
+        self.engine, self.executor, self.progress = engine, executor, progress
+        self.workers = workers or os.cpu_count() or 1
+        run = scenario.run
+        self.cap = run.max_replications if run.p99_halfwidth_rel is not None else run.replications
+        self.done: dict[int, tuple] = {}
+
+    def get(self, index: int, planned: int) -> tuple:
+        if index not in self.done:
+            from .executors import execute
+            wave = list(range(index, min(self.cap, max(planned, index + self.workers))))
+            items = {i: (self.data, i, self.engine) for i in wave}
+
+            def finish(i, result):
+                self.done[i] = result
+                if self.progress is not None:
+                    self.progress(index + sum(j in self.done for j in wave), max(planned, index + 1))
+            execute(replication_task, items, wave, finish, self.executor, self.workers)
+        return self.done.pop(index)
+
+
+def replication_task(item: tuple) -> tuple:
+    """One replication in a pool worker: its records (detached: picklable) and metrics.
+    Reports its share done into the installed progress board (simrec.progress)."""
+    from .loader import validate
+    data, index, engine = item
+    scenario = validate(data, "<replication>")
+    with board_slot() as slot:
+        within = (lambda f: slot(SIMULATED_SHARE * f, 1)) if slot is not None else None  # noqa: E731
+        rep = run_replication(scenario, index, None, engine, within)
+    metrics = replication_metrics(scenario, rep)
+    return rep.detached(), metrics
 
 
 def _precise(latency: list, run) -> bool:
