@@ -9,16 +9,22 @@ or perf_counter_ns; the device synchronised after every call). Attention is time
 the real blocks of calibration/gr_models.py (SDPA for the transformer, HSTU's pointwise
 attention), so each row carries its ``arch`` and ``heads``.
 
+On a GPU every shape is also timed as one CUDA graph that runs the call once per input set
+(condition ``graph``: replays timed back to back, divided by the calls): the kernels' device
+time without the host's launches, which an isolated timing of a call of several kernels
+(HSTU's pointwise attention: seven) is mostly made of at small sizes.
+
 Cells run cheapest first (by an estimate of their work), so a deadline cuts the largest
 shapes: after ``--soft-deadline-s`` every cell gets ``--min-samples`` calls; after
-``--deadline-s`` no new cell starts, and the manifest lists how many were left out. On one
-H200 the default grid fits in about 200 s. Run from the repository root::
+``--deadline-s`` no new cell starts, and the manifest lists how many were left out. Run from
+the repository root::
 
     python -m calibration.kernel_grid --device cuda --out /tmp/h200_kernel_grid
     python -m calibration.kernel_grid --device cpu --d-models 64 --heads 2 \\
         --history-lens 32,64 --candidates 8 --out /tmp/cpu_grid      # a tiny CPU run
 
-It writes ``kernels.parquet`` (bench.py's kernel columns plus ``arch`` and ``heads``) and
+It writes ``kernels.parquet`` (bench.py's kernel columns plus ``arch`` and ``heads``; condition
+``isolated`` and, on a GPU, ``graph``) and
 ``manifest.json`` (no phase table: use it beside a table that has one).
 """
 
@@ -104,11 +110,13 @@ class Kernels:
         return int(min(max(math.ceil(self.rotate / max(nbytes, 1)), 2), hi))
 
     def block(self, arch: str, d: int, h: int):
+        """The attention of a block: built on the meta device, since attention uses none of the
+        block's weights (building a d=4096 block's weights on the host took ~0.5 s a shape)."""
         key = (arch, d, h)
         if key not in self._blocks:
             spec = GRSpec(arch=arch, layers=1, d_model=d, heads=h, ffn=8, dtype="float32")
-            cls = TransformerBlock if arch == "transformer" else HSTUBlock
-            self._blocks = {key: cls(spec).to(self.dev, self.dtype)}    # one at a time
+            with torch.device("meta"):
+                self._blocks[key] = (TransformerBlock if arch == "transformer" else HSTUBlock)(spec)
         return self._blocks[key]
 
     def setup(self, sh: Shape):
@@ -142,33 +150,63 @@ class Kernels:
         return {"gelu": F.gelu, "silu": F.silu}[sh.kind], [(t,) for t in x]
 
 
+def graph_times(fn, inputs, clock: Clock, est_ms: float, n: int) -> np.ndarray:
+    """Device ms per call: one CUDA graph calls fn once per input set (so inputs still rotate);
+    each sample times enough back-to-back replays to span ~0.2 ms, divided by the calls."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for args in inputs:
+            fn(*args)
+    inner = max(1, math.ceil(0.2 / max(est_ms * len(inputs), 1e-3)))
+    replay = lambda: [g.replay() for _ in range(inner)]      # noqa: E731
+    replay()
+    x = np.array([clock.time(replay, ()) for _ in range(n)]) / (inner * len(inputs))
+    del g
+    return x
+
+
 def run(shapes: list[Shape], device: torch.device, dtype: torch.dtype, s: int, budget: Budget,
         deadline_s: float, target_s: float, max_n: int, rotate_bytes: int, seed: int = 0,
-        log=print) -> tuple[list[tuple], int]:
+        graph_target_s: float = 0.0, log=print) -> tuple[list[tuple], int]:
     """Rows (KERNEL_COLUMNS + arch, heads) of every shape measured before the deadline, and
-    how many shapes the deadline left out."""
+    how many shapes the deadline left out. graph_target_s > 0 (CUDA only): also the shape's
+    graph rows, from about that many seconds of replays (3-20 samples)."""
     clock, rng, kern = Clock(device), np.random.default_rng(seed), Kernels(device, dtype, s, rotate_bytes)
-    rows, skipped = [], 0
+    rows, skipped, graph_failures = [], 0, 0
     with torch.inference_mode():
         for i, sh in enumerate(shapes):
             if budget.elapsed() > deadline_s:
                 skipped = len(shapes) - i
                 log(f"deadline {deadline_s:g} s: {skipped} of {len(shapes)} shapes left out")
                 break
-            gc.collect()
+            if i % 64 == 0:
+                gc.collect()        # tensors go by reference count; 65 ms a call, so not every shape
             try:
                 fn, inputs = kern.setup(sh)
                 x, = measure_cells([Cell(0, 0, fn, inputs)], clock, budget, rng, target_s=target_s, max_n=max_n)
+                got = {"isolated": x}
+                if graph_target_s > 0 and device.type == "cuda" and graph_failures < 5:
+                    est = float(np.median(x))
+                    n = 3 if budget.elapsed() > budget.soft_deadline_s else int(
+                        min(max(math.ceil(graph_target_s * 1e3 / max(est * len(inputs), 1e-3)), 3), 20))
+                    try:
+                        got["graph"] = graph_times(fn, inputs, clock, est, n)
+                    except RuntimeError as e:       # a capture that fails costs the shape its graph rows
+                        graph_failures += 1
+                        torch.cuda.synchronize()
+                        log(f"graph capture failed at {sh.kind} {list(sh.dims)} {sh.arch}: {str(e)[:120]}")
             except torch.OutOfMemoryError:
                 raise RuntimeError(f"out of memory at {sh.kind} {list(sh.dims)} {sh.arch} h={sh.heads}") from None
             del fn, inputs
-            if not np.all(np.isfinite(x)) or np.any(x <= 0):
-                raise RuntimeError(f"bad timings at {sh.kind} {list(sh.dims)}: {x[:5]}")
-            for q, t in zip(QUANTILES, np.quantile(x, QUANTILES)):
-                rows.append((sh.kind, *sh.dims, "isolated", q, float(t), len(x), sh.arch, sh.heads))
+            for cond, v in got.items():
+                if not np.all(np.isfinite(v)) or np.any(v <= 0):
+                    raise RuntimeError(f"bad {cond} timings at {sh.kind} {list(sh.dims)}: {v[:5]}")
+                for q, t in zip(QUANTILES, np.quantile(v, QUANTILES)):
+                    rows.append((sh.kind, *sh.dims, cond, q, float(t), len(v), sh.arch, sh.heads))
             if i % 100 == 0:
                 log(f"[{budget.elapsed():6.1f}s] {i}/{len(shapes)} {sh.kind} {list(sh.dims)} "
-                    f"{sh.arch} h={sh.heads}: p50 {np.median(x):.4f} ms (n={len(x)})")
+                    f"{sh.arch} h={sh.heads}: p50 {np.median(x):.4f} ms (n={len(x)})"
+                    + (f", graph {np.median(got['graph']):.4f} ms" if "graph" in got else ""))
     return rows, skipped
 
 
@@ -188,15 +226,17 @@ def main(argv=None) -> int:
     p.add_argument("--archs", default="transformer,hstu")
     p.add_argument("--d-models", type=_ints, default=_ints("256,512,1024,2048,4096"))
     p.add_argument("--heads", type=_ints, default=_ints("4,8,16,32"))
-    p.add_argument("--history-lens", type=_ints, default=_ints("1024,4096,16384,32768"))
-    p.add_argument("--candidates", type=_ints, default=_ints("64,256,1024"))
+    p.add_argument("--history-lens", type=_ints, default=_ints("1024,2048,4096,8192,12288,16384,32768"))
+    p.add_argument("--candidates", type=_ints, default=_ints("64,128,256,512,1024"))
     p.add_argument("--short-term", type=int, default=32)
     p.add_argument("--warmup", type=int, default=None, help="default 3 on cuda, 1 on cpu")
     p.add_argument("--target-s", type=float, default=0.01, help="timed seconds per shape")
     p.add_argument("--min-samples", type=int, default=5)
     p.add_argument("--max-samples", type=int, default=50)
-    p.add_argument("--soft-deadline-s", type=float, default=120.0)
-    p.add_argument("--deadline-s", type=float, default=190.0, help="no new shape starts after this")
+    p.add_argument("--graph-target-s", type=float, default=0.005,
+                   help="seconds of CUDA-graph replays per shape (condition graph); 0: none")
+    p.add_argument("--soft-deadline-s", type=float, default=180.0)
+    p.add_argument("--deadline-s", type=float, default=280.0, help="no new shape starts after this")
     p.add_argument("--rotate-mib", type=float, default=None, help="default 128 on cuda, 8 on cpu")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -216,7 +256,7 @@ def main(argv=None) -> int:
     print(f"kernel grid: {len(shapes)} shapes on {_device_info(device)['name']}", flush=True)
     rows, skipped = run(shapes, device, getattr(torch, dtype_name), a.short_term, budget, a.deadline_s,
                         a.target_s, budget.max_n, int((a.rotate_mib or (128 if cuda else 8)) * 2**20), a.seed,
-                        log=lambda m: print(m, flush=True))
+                        a.graph_target_s if cuda else 0.0, log=lambda m: print(m, flush=True))
     a.out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows, columns=[*KERNEL_COLUMNS, "arch", "heads"])
     for col in ("dim_a", "dim_b", "dim_c", "n_samples", "heads"):
@@ -234,6 +274,7 @@ def main(argv=None) -> int:
         "method": {"kernels_file": kpath.name, "kernels_sha256": hashlib.sha256(kpath.read_bytes()).hexdigest(),
                    "timer": Clock(device).name, "warmup": budget.warmup, "min_samples": budget.min_n,
                    "max_samples": budget.max_n, "target_s_per_shape": a.target_s,
+                   "graph_target_s_per_shape": a.graph_target_s if cuda else 0.0,
                    "soft_deadline_s": a.soft_deadline_s, "deadline_s": a.deadline_s,
                    "shapes": len(shapes), "shapes_left_out_by_deadline": skipped,
                    "shapes_cut_to_min_samples": budget.late_cells,

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 18 on one H200, one device call: (1) calibration/kernel_grids/profile_phases.py (real
+# rank_cached calls profiled beside the grid's timings of their operators), then (2) the
+# kernel grid (calibration/kernel_grid.py defaults: L 1024-32768 in 7 steps, M 64-1024 in 5,
+# isolated and CUDA-graph timings, soft deadline 180 s, no new shape after 280 s).
+#
+#   OUT=/path/to/results bash calibration/kernel_grids/run_grid_profile.sh
+#
+# Back under $OUT: profile.tar.gz (prof/), grid.tar.gz (h200_kernel_grid/ with log.txt),
+# log_profile.txt, log_grid.txt.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+: "${OUT:?set OUT to the folder that receives the results}"
+PY="${PYTHON:-python3}"
+W="${WORK:-/tmp/grid_profile_work}"
+mkdir -p "$W/prof" /tmp/simrec_path
+ln -sfn "$PWD/simulator" /tmp/simrec_path/simrec      # `simrec.operators` without an install
+export PYTHONPATH="/tmp/simrec_path:$PWD" PYTHONUNBUFFERED=1
+rc=0
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tee "$OUT/log_profile.txt"
+timeout "${PROFILE_TIMEOUT:-150}" "$PY" calibration/kernel_grids/profile_phases.py --out "$W/prof" 2>&1 \
+  | grep -v USDT | tee -a "$OUT/log_profile.txt" || rc=1
+tar -C "$W" -czf "$OUT/profile.tar.gz" prof || rc=1
+timeout "${GRID_TIMEOUT:-340}" "$PY" -m calibration.kernel_grid --device cuda --out "$W/h200_kernel_grid" \
+  ${GRID_ARGS:-} 2>&1 | tee "$OUT/log_grid.txt" || rc=1
+cp "$OUT/log_grid.txt" "$W/h200_kernel_grid/log.txt" 2>/dev/null
+tar -C "$W" -czf "$OUT/grid.tar.gz" h200_kernel_grid || rc=1
+echo "run_grid_profile exit status $rc" | tee -a "$OUT/log_grid.txt"
+exit $rc
