@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from .cascade import Replication, warmup_cut_ms
 from .errors import InputError
 from .folders import atomic_folder, safe_name
 from .relay import (ADMITTED, DRAM, HIT, PRE_OUTCOMES, PREFIX_OUTCOMES, REJECTED, REMOTE)
-from .stats import (CI_LEVEL, CI_METHOD_PER_METRIC, PERCENTILES, describe, interval,
+from .stats import (CI_LEVEL, CI_METHOD_PER_METRIC, PERCENTILES, describe, iact, interval,
                     interval_methods, metric_kind, pooled_percentile, trend)
 
 
@@ -234,11 +235,57 @@ def unbounded_warning(metrics: dict, replications: int) -> str | None:
             f"{p99['lo_one_sided']:.4g} ms): lengthen the replications or add more")
 
 
+# The P99's interval covers at its nominal rate when each replication is at least
+# SHORT_REPLICATION latency autocorrelation times long and all of them together at least
+# FEW_TAIL_SAMPLES / 0.01 (that many effectively independent samples beyond the P99).
+# Below either, the M/M/c checks of tests/test_theory.py saw 78-88% coverage of a 95%
+# interval: the run's tail episodes are too few, and their spread over replications too
+# skewed, for any interval the run itself can form. Both bounds lie between the cases that
+# undercovered (39 and 30 autocorrelation times; 3.0-3.9 tail samples) and those that did not.
+SHORT_REPLICATION = 50
+FEW_TAIL_SAMPLES = 5
+IACT_SAMPLES = 1 << 20     # the autocorrelation is estimated on at most this many per replication
+
+
+def replication_length(scenario: sc.Scenario, reps: list[Replication]) -> dict | None:
+    """Measured requests per replication (median), the end-to-end latency's integrated
+    autocorrelation time in requests (stats.iact, over the replications' windows), and the
+    run's length in those times, per replication and in all; None when a request never
+    finished (an overloaded run)."""
+    parts = [measured_latency(scenario, r)[:IACT_SAMPLES] for r in reps]
+    tau = iact(parts)
+    if not parts or not math.isfinite(tau):
+        return None
+    n = float(np.median([len(p) for p in parts]))
+    return {"measured_per_replication": n, "latency_iact_requests": tau,
+            "autocorrelation_times": n / tau,
+            "autocorrelation_times_total": sum(len(p) for p in parts) / tau}
+
+
+def short_replication_warning(length: dict | None) -> str | None:
+    """The replications are too short, or too few, for the P99 (see SHORT_REPLICATION)."""
+    if length is None:
+        return None
+    tau, each, total = (length[k] for k in ("latency_iact_requests", "autocorrelation_times",
+                                            "autocorrelation_times_total"))
+    tail = 0.01 * total
+    if each >= SHORT_REPLICATION and tail >= FEW_TAIL_SAMPLES:
+        return None
+    need = (f"measure at least {math.ceil(SHORT_REPLICATION * tau)} requests per replication"
+            if each < SHORT_REPLICATION else
+            f"measure at least {math.ceil(FEW_TAIL_SAMPLES / 0.01 * tau)} requests in all")
+    return (f"replications are short for the P99: {length['measured_per_replication']:.0f} measured "
+            f"requests each, {each:.0f} latency autocorrelation times (about {tau:.0f} requests), "
+            f"{tail:.1f} effectively independent samples beyond the P99 in all; the P99's 95% "
+            f"interval can then cover the truth less often than 95%: {need}")
+
+
 def settling_warning(scenario: sc.Scenario, reps: list[Replication]) -> str | None:
-    """Warn when the latency series has not settled: the mean latency of the first and the
-    second half of the measurement window differ beyond their 95% interval (and by more
-    than 5%), which means the warm-up was too short or the system is unstable. The interval
-    is paired over replications, or with one replication from batch means (stats.trend)."""
+    """Warn when the latency series has not settled: the mean latency (or the P99) of the
+    first and the second half of the measurement window differ beyond their 95% interval
+    (and by more than 5%, or 10%), which means the warm-up was too short or the system is
+    unstable. The interval is paired over replications, or for the mean with one
+    replication from batch means (stats.trend)."""
     firsts, seconds, means = [], [], []
     for rep in reps:
         cut = warmup_ms(scenario, rep)
@@ -263,6 +310,19 @@ def settling_warning(scenario: sc.Scenario, reps: list[Replication]) -> str | No
         return (f"latency has not settled: mean latency is {direction} between the halves of the "
                 f"measurement window by {d['mean']:+.3g} ms (95% CI {d['lo']:+.3g}..{d['hi']:+.3g}); "
                 f"lengthen the warm-up or the run, or the system is overloaded")
+    # The tail can drift while the mean holds (a slow build-up of the longest queues): the
+    # P99 of each half, paired over replications (needs 2), beyond its 99% interval (a half's
+    # P99 is noisy, its differences heavy-tailed: 95% warned of 3 in 40 settled M/M/1 runs)
+    # and by 10%.
+    if len(reps) >= 2:
+        p99 = [np.percentile(b, 99) - np.percentile(a, 99) for a, b in zip(firsts, seconds)]
+        d = interval(p99, 0.99)
+        level = np.percentile(np.concatenate(firsts + seconds), 99)
+        if d["lo"] is not None and (d["lo"] > 0 or d["hi"] < 0) and abs(d["mean"]) > 0.1 * level:
+            direction = "rising" if d["mean"] > 0 else "falling"
+            return (f"latency has not settled: the P99 is {direction} between the halves of the "
+                    f"measurement window by {d['mean']:+.3g} ms (99% CI {d['lo']:+.3g}..{d['hi']:+.3g}); "
+                    f"lengthen the warm-up or the run, or the system is overloaded")
     return None
 
 
@@ -514,7 +574,9 @@ def summarise(scenario: sc.Scenario, reps: list[Replication],
     metrics = _merge(per_rep)
     pooled_percentiles(scenario, reps, metrics)
     engine = engine_info(scenario, reps, engine)
-    warnings = [w for w in [settling_warning(scenario, reps), unbounded_warning(metrics, len(reps))] if w]
+    length = replication_length(scenario, reps)
+    warnings = [w for w in [settling_warning(scenario, reps), short_replication_warning(length),
+                            unbounded_warning(metrics, len(reps))] if w]
     if engine["requested"] == "fast" and "simpy" in engine["used"]:
         warnings.append(f"run.engine fast: SimPy ran instead ({'; '.join(engine['notes'])})")
     tables = cost_tables(scenario.model_dump(mode="json"))
@@ -537,6 +599,7 @@ def summarise(scenario: sc.Scenario, reps: list[Replication],
                      "completed": sum(c["completed"] for c in counts),
                      "measured": sum(c["measured"] for c in counts),
                      "warmup_ms": [c["warmup_ms"] for c in counts]},
+        "replication_length": length,
         "extrapolated_lookups": {name: sum(r.extrapolated[name] for r in reps) for name in scenario.stages},
         "warnings": warnings,
         "engine": engine,

@@ -175,6 +175,32 @@ CANDIDATES = 400     # pooled order statistics tried on each side of a percentil
 BATCHES = 10         # batches of consecutive requests per replication, for the design effect
 
 
+def iact(parts: list[np.ndarray]) -> float:
+    """Integrated autocorrelation time (in samples) of a series observed in independent
+    pieces (replications, in arrival order), about their pooled mean: var(mean) =
+    var(x) tau / n. Geyer's initial monotone sequence estimator (sums of adjacent
+    autocovariance pairs, while positive, made non-increasing); 1 for independent samples."""
+    xs = [np.asarray(s, float) for s in parts if len(s) > 1]     # (callers cap the lengths)
+    n = sum(len(x) for x in xs)
+    if n == 0 or not all(np.isfinite(x).all() for x in xs):
+        return math.nan
+    mean = sum(x.sum() for x in xs) / n
+    width = max(len(x) for x in xs)
+    acov = np.zeros(width)
+    for x in xs:
+        y = x - mean
+        m = 1 << int(2 * len(y) - 1).bit_length()
+        f = np.fft.rfft(y, m)
+        acov[:len(y)] += np.fft.irfft(f * np.conj(f), m)[:len(y)]
+    if acov[0] <= 0:
+        return 1.0
+    acov /= n
+    pairs = acov[: width - width % 2].reshape(-1, 2).sum(1)
+    stop = np.nonzero(pairs <= 0)[0]
+    pairs = np.minimum.accumulate(pairs[: stop[0] if len(stop) else len(pairs)])
+    return max(float((2 * pairs.sum() - acov[0]) / acov[0]), 1.0)
+
+
 def _inverted_bounds(parts: list[np.ndarray], batches: list[np.ndarray], pooled: np.ndarray,
                      est: float, p: float, level: float) -> tuple[float, float]:
     """Bounds of the p-quantile by test inversion: a latency x is inside when p lies in the

@@ -197,3 +197,27 @@ def test_every_interval_of_an_overloaded_run_in_range():
     assert check_summary_intervals(summary) > 5
     att = summary["metrics"]["slo_attainment"]
     assert 0 <= att["lo"] <= att["hi"] <= 1
+
+
+# ------------------------------------------------------------------ autocorrelation time
+
+def _ar1(phi: float, n: int, rng) -> np.ndarray:
+    from scipy.signal import lfilter
+    return lfilter([1.0], [1.0, -phi], rng.standard_normal(n))
+
+
+@pytest.mark.parametrize("phi", [0.0, 0.5, 0.9])
+def test_iact_of_an_ar1_series(phi):
+    # AR(1): tau = (1 + phi) / (1 - phi). Geyer's estimator over a window of about M lags
+    # has a relative sd of about sqrt((4M + 2) / n); at n = 400,000 and M ~ 5 tau that is
+    # under 3.5% for phi 0.9, so 15% is over 4 sd.
+    rng = np.random.default_rng(7)
+    parts = [_ar1(phi, 100_000, rng) for _ in range(4)]    # independent pieces, as replications
+    tau = (1 + phi) / (1 - phi)
+    assert stats.iact(parts) == pytest.approx(tau, rel=0.15)
+
+
+def test_iact_edges():
+    assert stats.iact([np.ones(50), np.ones(50)]) == 1.0         # no variation
+    assert math.isnan(stats.iact([np.array([1.0, np.inf, 2.0])]))  # an unfinished request
+    assert math.isnan(stats.iact([]))
