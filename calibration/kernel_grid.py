@@ -12,7 +12,9 @@ attention), so each row carries its ``arch`` and ``heads``.
 On a GPU every shape is also timed as one CUDA graph that runs the call once per input set
 (condition ``graph``: replays timed back to back, divided by the calls): the kernels' device
 time without the host's launches, which an isolated timing of a call of several kernels
-(HSTU's pointwise attention: seven) is mostly made of at small sizes.
+(HSTU's pointwise attention: seven) is mostly made of at small sizes. And the host's time
+to issue the call when calls are issued back to back without a sync (condition ``host``), as
+an eager phase issues its operators.
 
 Cells run cheapest first (by an estimate of their work), so a deadline cuts the largest
 shapes: after ``--soft-deadline-s`` every cell gets ``--min-samples`` calls; after
@@ -50,15 +52,19 @@ import torch.nn.functional as F
 from simrec import operators as opg
 
 from .bench import KERNEL_COLUMNS, QUANTILES, Budget, Cell, Clock, _cat_seq, _device_info, _versions, measure_cells
-from .gr_models import GRSpec, HSTUBlock, TransformerBlock, suffix_mask
+from .gr_models import GRSpec, HSTUBlock, TransformerBlock, _merge, suffix_mask
+
+
+def _store(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return dst.copy_(src)
 
 
 @dataclass(frozen=True)
 class Shape:
     kind: str
     dims: tuple[int, int, int]
-    arch: str = ""       # attention only
-    heads: int = 0       # attention and kv_concat
+    arch: str = ""       # attention and attn_concat
+    heads: int = 0       # attention and the layout kinds (operators.LAYOUT_KINDS)
 
     @property
     def work(self) -> float:
@@ -66,9 +72,11 @@ class Shape:
         a, b, c = self.dims
         if self.kind == "gemm":
             return 2.0 * a * b * c
-        if self.kind.startswith("attn"):
+        if self.kind in ("attn_causal", "attn_target"):
             return 4.0 * a * b * c * (2 if self.arch == "hstu" else 1)
-        return float(a * max(b, 1) * max(c, 1))
+        if self.kind in ("kv_concat", "attn_concat"):
+            return float((a + b) * c)
+        return float(a * max(b, 1))
 
 
 def grid_shapes(d_models, heads, Ls, Ms, s: int, archs=opg.ARCHS, dtype="bfloat16",
@@ -87,9 +95,9 @@ def grid_shapes(d_models, heads, Ls, Ms, s: int, archs=opg.ARCHS, dtype="bfloat1
                         for phase in opg.PHASES:
                             for op in opg.ops(opg.graph(spec, phase, L, M)):
                                 dims = tuple(int(v) for v in op.dims) + (0,) * (3 - len(op.dims))
-                                if op.kind.startswith("attn"):
+                                if op.kind.startswith("attn"):        # attention, attn_concat
                                     out[Shape(op.kind, dims, arch, h)] = None
-                                elif op.kind == "kv_concat":
+                                elif op.kind in opg.LAYOUT_KINDS:
                                     out[Shape(op.kind, dims, "", h)] = None
                                 else:
                                     out[Shape(op.kind, dims)] = None
@@ -105,6 +113,11 @@ class Kernels:
 
     def randn(self, *shape):
         return torch.randn(*shape, device=self.dev, dtype=self.dtype)
+
+    def head_view(self, t: int, d: int, h: int):
+        """[1, h, t, d/h]: a head view of the K third of a [1, t, 3 d] projection, as
+        gr_models' ``_heads(qkv.chunk(3)[1])`` is (strided, not contiguous)."""
+        return self.randn(1, t, 3 * d)[..., d:2 * d].view(1, t, h, d // h).transpose(1, 2)
 
     def sets(self, nbytes: float, hi: int = 8) -> int:
         return int(min(max(math.ceil(self.rotate / max(nbytes, 1)), 2), hi))
@@ -135,10 +148,18 @@ class Kernels:
             return blk.attend_masked, [(self.randn(1, sh.heads, a, hd), self.randn(1, sh.heads, b, hd),
                                         self.randn(1, sh.heads, b, hd), mask)
                                        for _ in range(self.sets(2 * b * c * e))]
-        if sh.kind == "kv_concat":
-            hd = c // sh.heads
-            return _cat_seq, [(self.randn(1, sh.heads, a, hd), self.randn(1, sh.heads, b, hd))
+        if sh.kind == "kv_concat":      # cached K (contiguous) ++ the suffix's, a head view of the projection
+            return _cat_seq, [(self.randn(1, sh.heads, a, c // sh.heads), self.head_view(b, c, sh.heads))
                               for _ in range(self.sets((a + b) * c * e))]
+        if sh.kind == "attn_concat":    # attention outputs as the arch writes them
+            part = ((lambda t: self.randn(1, t, sh.heads, c // sh.heads).transpose(1, 2))
+                    if sh.arch == "transformer" else (lambda t: self.randn(1, sh.heads, t, c // sh.heads)))
+            return _cat_seq, [(part(a), part(b)) for _ in range(self.sets((a + b) * c * e))]
+        if sh.kind == "kv_store":       # K of the projection copied into the cache
+            return _store, [(torch.empty(1, sh.heads, a, b // sh.heads, device=self.dev, dtype=self.dtype),
+                             self.head_view(a, b, sh.heads)) for _ in range(self.sets(2 * a * b * e))]
+        if sh.kind == "head_copy":      # [1, h, t, hd] -> [1, t, h * hd]
+            return _merge, [(self.randn(1, sh.heads, a, b // sh.heads),) for _ in range(self.sets(2 * a * b * e))]
         n = a                       # element-wise: [n / 1024, 1024] rows (any width moves n elements)
         x = [self.randn(max(n // 1024, 1), min(n, 1024)) for _ in range(self.sets(n * e))]
         if sh.kind == "layer_norm":
@@ -165,12 +186,29 @@ def graph_times(fn, inputs, clock: Clock, est_ms: float, n: int) -> np.ndarray:
     return x
 
 
+def host_times(fn, inputs, device_ms: float, n: int) -> np.ndarray:
+    """Host ms to issue one call in a pipeline: k calls issued back to back with no sync
+    (the device drains after each sample), timed on the host. k keeps the device's backlog
+    under ~20 ms, so the launch queue never fills and blocks the host."""
+    k = int(min(max(20.0 // max(device_ms, 1e-3), 2), 8))
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter_ns()
+        for j in range(k):
+            fn(*inputs[j % len(inputs)])
+        out.append((time.perf_counter_ns() - t0) / 1e6 / k)
+    torch.cuda.synchronize()
+    return np.array(out)
+
+
 def run(shapes: list[Shape], device: torch.device, dtype: torch.dtype, s: int, budget: Budget,
         deadline_s: float, target_s: float, max_n: int, rotate_bytes: int, seed: int = 0,
         graph_target_s: float = 0.0, log=print) -> tuple[list[tuple], int]:
     """Rows (KERNEL_COLUMNS + arch, heads) of every shape measured before the deadline, and
     how many shapes the deadline left out. graph_target_s > 0 (CUDA only): also the shape's
-    graph rows, from about that many seconds of replays (3-20 samples)."""
+    graph rows, from about that many seconds of replays (3-20 samples), and its host rows
+    (3 samples)."""
     clock, rng, kern = Clock(device), np.random.default_rng(seed), Kernels(device, dtype, s, rotate_bytes)
     rows, skipped, graph_failures = [], 0, 0
     with torch.inference_mode():
@@ -195,6 +233,8 @@ def run(shapes: list[Shape], device: torch.device, dtype: torch.dtype, s: int, b
                         graph_failures += 1
                         torch.cuda.synchronize()
                         log(f"graph capture failed at {sh.kind} {list(sh.dims)} {sh.arch}: {str(e)[:120]}")
+                    dev_ms = float(np.median(got.get("graph", x)))
+                    got["host"] = host_times(fn, inputs, dev_ms, 3)
             except torch.OutOfMemoryError:
                 raise RuntimeError(f"out of memory at {sh.kind} {list(sh.dims)} {sh.arch} h={sh.heads}") from None
             del fn, inputs
@@ -206,7 +246,8 @@ def run(shapes: list[Shape], device: torch.device, dtype: torch.dtype, s: int, b
             if i % 100 == 0:
                 log(f"[{budget.elapsed():6.1f}s] {i}/{len(shapes)} {sh.kind} {list(sh.dims)} "
                     f"{sh.arch} h={sh.heads}: p50 {np.median(x):.4f} ms (n={len(x)})"
-                    + (f", graph {np.median(got['graph']):.4f} ms" if "graph" in got else ""))
+                    + (f", graph {np.median(got['graph']):.4f} ms" if "graph" in got else "")
+                    + (f", host {np.median(got['host']):.4f} ms" if "host" in got else ""))
     return rows, skipped
 
 
@@ -235,8 +276,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-samples", type=int, default=50)
     p.add_argument("--graph-target-s", type=float, default=0.005,
                    help="seconds of CUDA-graph replays per shape (condition graph); 0: none")
-    p.add_argument("--soft-deadline-s", type=float, default=180.0)
-    p.add_argument("--deadline-s", type=float, default=280.0, help="no new shape starts after this")
+    p.add_argument("--soft-deadline-s", type=float, default=230.0)
+    p.add_argument("--deadline-s", type=float, default=330.0, help="no new shape starts after this")
     p.add_argument("--rotate-mib", type=float, default=None, help="default 128 on cuda, 8 on cpu")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)

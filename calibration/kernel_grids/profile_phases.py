@@ -30,7 +30,7 @@ from simrec import operators as opg
 
 from calibration.bench import Clock
 from calibration.gr_models import GRModel, GRSpec
-from calibration.kernel_grid import Kernels, Shape, graph_times
+from calibration.kernel_grid import Kernels, Shape, graph_times, host_times
 
 CASES = {   # name: (arch, layers, d_model, heads, ffn, phase, L, M)
     "hstu24x1024_rank_L16384_M64": ("hstu", 24, 1024, 4, 4096, "rank_cached", 16384, 64),
@@ -38,6 +38,12 @@ CASES = {   # name: (arch, layers, d_model, heads, ffn, phase, L, M)
     "t12x2048_rank_L16384_M64": ("transformer", 12, 2048, 16, 8192, "rank_cached", 16384, 64),
     "t12x2048_rank_L8192_M64": ("transformer", 12, 2048, 16, 8192, "rank_cached", 8192, 64),
     "t24x1024_rank_L16384_M256": ("transformer", 24, 1024, 4, 4096, "rank_cached", 16384, 256),
+    "hstu24x1024_prefix_L1024": ("hstu", 24, 1024, 4, 4096, "prefix_encode", 1024, 0),
+    "hstu24x1024_prefix_L16384": ("hstu", 24, 1024, 4, 4096, "prefix_encode", 16384, 0),
+    "hstu24x1024_full_L4096_M64": ("hstu", 24, 1024, 4, 4096, "full_forward", 4096, 64),
+    "t24x1024_prefix_L8192": ("transformer", 24, 1024, 4, 4096, "prefix_encode", 8192, 0),
+    "t24x1024_full_L8192_M64": ("transformer", 24, 1024, 4, 4096, "full_forward", 8192, 64),
+    "t12x2048_full_L16384_M64": ("transformer", 12, 2048, 16, 8192, "full_forward", 16384, 64),
     "tiny": ("hstu", 2, 64, 2, 256, "rank_cached", 64, 8),      # a CPU smoke test
 }
 
@@ -73,6 +79,8 @@ def profile_case(name, case, out: Path, dev) -> dict:
             fn(*sets[i % 2])
         sync()
         res["eager_ms"] = _median_ms(clock, fn, sets, 20)
+        if clock.cuda:
+            res["host_issue_ms"] = float(np.median(host_times(fn, sets, res["eager_ms"], 5)))
         model.mask_cache_limit = None
         res["graph_ms"] = _graph_ms(fn, sets, clock, res["eager_ms"], 10)
         with profile(activities=acts, record_shapes=True) as prof:
@@ -95,15 +103,17 @@ def profile_case(name, case, out: Path, dev) -> dict:
                 seen[key]["count"] += 1
                 continue
             sh = Shape(op.kind, dims, arch if op.kind.startswith("attn") else "",
-                       h if op.kind.startswith("attn") or op.kind == "kv_concat" else 0)
+                       h if op.kind.startswith("attn") or op.kind in opg.LAYOUT_KINDS else 0)
             ofn, inputs = kern.setup(sh)
             for i in range(3):
                 ofn(*inputs[i % len(inputs)])
             sync()
             iso = _median_ms(clock, ofn, inputs, 20)
             gr = _graph_ms(ofn, inputs, clock, iso, 10)
+            host = float(np.median(host_times(ofn, inputs, gr, 5))) if clock.cuda else None
             seen[key] = {"name": op.name, "kind": op.kind, "dims": list(dims), "count": 1,
-                         "launches_declared": op.launches, "isolated_ms": iso, "graph_ms": gr,
+                         "launches_declared": int(op.launches), "isolated_ms": iso, "graph_ms": gr,
+                         "host_ms": host,
                          "shape": sh, "fn": ofn, "inputs": inputs[:1]}
             rows.append(seen[key])
         with profile(activities=acts, record_shapes=True) as prof:
@@ -113,12 +123,15 @@ def profile_case(name, case, out: Path, dev) -> dict:
                 sync()
         prof.export_chrome_trace(str(out / f"{name}.ops.trace.json"))
     with open(out / f"{name}.ops.csv", "w") as f:
-        f.write("name,kind,dim_a,dim_b,dim_c,count,launches_declared,isolated_ms,graph_ms\n")
+        f.write("name,kind,dim_a,dim_b,dim_c,count,launches_declared,isolated_ms,graph_ms,host_ms\n")
         for r in rows:
             f.write(f"{r['name']},{r['kind']},{','.join(map(str, r['dims']))},{r['count']},"
-                    f"{r['launches_declared']},{r['isolated_ms']:.5f},{r['graph_ms'] or 0:.5f}\n")
+                    f"{r['launches_declared']},{r['isolated_ms']:.5f},{r['graph_ms'] or 0:.5f},"
+                    f"{r['host_ms'] or 0:.5f}\n")
     res["ops_isolated_sum_ms"] = sum(r["isolated_ms"] * r["count"] for r in rows)
     res["ops_graph_sum_ms"] = sum((r["graph_ms"] or 0) * r["count"] for r in rows)
+    res["ops_host_sum_ms"] = sum((r["host_ms"] or 0) * r["count"] for r in rows)
+    res["graph_launches"] = int(opg.total(opg.graph(spec, phase, L, M), "launches"))
     del model, rows, seen, kern
     if clock.cuda:
         torch.cuda.empty_cache()
