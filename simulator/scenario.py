@@ -813,7 +813,9 @@ class RunControl(Strict):
         5, description="replications to run (the minimum, with a target)")
     p99_halfwidth_rel: Annotated[Real, Field(gt=0, lt=1)] | None = Field(
         None, description="stopping rule: add replications until the end-to-end P99's CI "
-                          "half-width is under this fraction of the P99 (or max_replications)")
+                          "half-width is under this fraction of the P99 and the run holds at "
+                          "least 5 effectively independent samples beyond it, judged from 10 "
+                          "replications or more (or max_replications)")
     max_replications: Annotated[PosInt, Field(le=MAX_REPLICATIONS)] = Field(40, description=(
         "most replications the p99_halfwidth_rel stopping rule may run"))
     seed: Annotated[Int, Field(ge=0)] = Field(1, description=(
