@@ -30,7 +30,7 @@ from .errors import InputError
 from .executors import kept_pool, run_points
 from .folders import atomic_folder
 from .loader import with_overrides
-from .results import flat_metrics
+from .results import SHORT_WARNING, flat_metrics
 from .scenario import Scenario
 from .sweep import check_metric, points_table
 
@@ -56,7 +56,17 @@ class Capacity:
                 "worse_when_higher": self.worse_when_higher,
                 "bracket": [self.passing, self.failing], "undecided": sorted(self.undecided),
                 "evaluations": len(self.points), "plateau": self.plateau,
-                "points": self.points}
+                "warnings": self.warnings(), "points": self.points}
+
+    def warnings(self) -> list[str]:
+        """The bracket's ends whose P99 interval the run itself doubts (short replications)."""
+        ends = {"passing": self.passing, "failing": self.failing}
+        doubt = [f"{k} end ({v:g})" for k, v in ends.items() if v is not None and any(
+            p["value"] == v and p["short_replications"] for p in self.points)]
+        verb = "rest" if len(doubt) > 1 else "rests"
+        return [f"the bracket's {' and '.join(doubt)} {verb} on replications short for the P99, "
+                f"its bound less sure than 95% (see that point's warnings): lengthen run.requests "
+                f"or run.duration_s"] if doubt else []
 
 
 def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: float,
@@ -99,8 +109,10 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
         else:
             verdict = "undecided"
         verdicts[value] = verdict
+        short = [w for w in summary["warnings"] if w.startswith(SHORT_WARNING)]
         cap.points.append({"value": value, "p99": row[metric], "p99_lo": lo, "p99_hi": hi,
-                           "verdict": verdict, "passed": verdict == "pass"})
+                           "verdict": verdict, "passed": verdict == "pass",
+                           "short_replications": bool(short)})
         summaries.append(summary)
         if verdict == "pass":
             cap.passing = value if cap.passing is None else (

@@ -384,6 +384,8 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file, or t
               f"({metric} upper 95% bound vs {budget} ms; {d['evaluations']} simulations"
               f"{', undecided ' + str(d['undecided']) if d['undecided'] else ''}"
               f"{'; the metric stopped improving: the SLO looks unreachable' if d['plateau'] else ''})")
+    for w in d["warnings"]:
+        _warn(w)
     _console(False).print(f"results: {target}")
 
 

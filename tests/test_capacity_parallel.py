@@ -33,3 +33,17 @@ def test_width_one_is_the_one_at_a_time_bisection(tmp_path):
     assert values[:2] == [30.0, 60.0]                  # 30 passes, so the next is 2x
     lo, hi = cap.passing, cap.failing
     assert lo < hi and len(values) == 7
+
+
+def test_a_bracket_end_on_short_replications_is_warned_of():
+    # 1,350 measured requests a replication at rho 1.2 and beyond: far under 50 latency
+    # autocorrelation times, so the failing end's bound is one the run itself doubts.
+    sc = simrec.load_scenario("scenarios/mmc.yaml", ["run.requests=1500", "run.replications=3",
+                                                     "stages.server.nodes.count=1"])
+    cap, _ = search(sc, "workload.rate_qps", "e2e.p99_ms", 100.0, start=30.0, max_evals=6,
+                    executor="serial")
+    failing = next(p for p in cap.points if p["value"] == cap.failing)
+    assert failing["short_replications"]
+    assert cap.as_dict()["warnings"] == [
+        f"the bracket's failing end ({cap.failing:g}) rests on replications short for the P99, its "
+        "bound less sure than 95% (see that point's warnings): lengthen run.requests or run.duration_s"]
