@@ -6,7 +6,10 @@ full_forward; isolated medians, batch 1) predicted without its own phase table:
 - kernels: the other models' kernel tables. A kernel family none of them measured (the
   attention of an architecture only this model has) comes from the model's own kernel
   table, and the report says so; a model without kernels of its own gets none.
-- per-launch overhead (h, e, c0): fitted on the other models' phase tables.
+- the host side of the eager pipeline (s, g with the grid's host rows; h, e without):
+  fitted on the other models' phase tables.
+- a second pass thins the grid to a coarser L and M grid (SPARSE), so that the phase points
+  between its rows test interpolation and the regressors rather than exact lookups.
 - the roofline beside it: compute and memory efficiencies and launch scale fitted by least
   squares on log time over the same other models' phase tables, on the H200's peaks.
 
@@ -52,13 +55,38 @@ def _ref(name: str) -> str:
 
 def _restrict(kt, families: set[str]):
     """A kernel table keeping only the rows of these families."""
-    rows = {}
-    for kind, (dims, arch, heads, t) in kt.rows.items():
-        keep = np.array([_family(kind, a, _head_dim(kind, d, h)) in families
-                         for d, a, h in zip(dims, arch, heads)], bool)
-        if keep.any():
-            rows[kind] = (dims[keep], arch[keep], heads[keep], t[keep])
-    return dataclasses.replace(kt, rows=rows)
+    def keep(rows):
+        out = {}
+        for kind, (dims, arch, heads, t) in rows.items():
+            k = np.array([_family(kind, a, _head_dim(kind, d, h)) in families
+                          for d, a, h in zip(dims, arch, heads)], bool)
+            if k.any():
+                out[kind] = (dims[k], arch[k], heads[k], t[k])
+        return out
+    return dataclasses.replace(kt, rows=keep(kt.rows), graph_rows=keep(kt.graph_rows))
+
+
+SPARSE = {"history_len": (1024, 4096, 16384, 32768), "candidates": (64, 256, 1024)}
+
+
+def _sparse(kt):
+    """The grid with only the shapes of a coarser L and M grid (SPARSE: the first grid's), so
+    the phase points at L = 2048, 8192, 12288 and M = 128, 512 fall between its rows."""
+    from simrec.calibration.kernel_grid import grid_shapes
+    g = kt.manifest["grid"]
+    keep = {(sh.kind, sh.dims, sh.arch, sh.heads) for sh in grid_shapes(
+        g["d_model"], g["heads"], SPARSE["history_len"], SPARSE["candidates"],
+        kt.manifest["model"]["short_term_tokens"])}
+
+    def cut(rows):
+        out = {}
+        for kind, (dims, arch, heads, t) in rows.items():
+            k = np.array([(kind, tuple(int(v) for v in d), str(a), int(h)) in keep
+                          for d, a, h in zip(dims, arch, heads)], bool)
+            if k.any():
+                out[kind] = (dims[k], arch[k], heads[k], t[k])
+        return out
+    return dataclasses.replace(kt, rows=cut(kt.rows), graph_rows=cut(kt.graph_rows), host_rows=cut(kt.host_rows))
 
 
 def _needed(spec) -> set[str]:
@@ -97,11 +125,13 @@ def _roofline_points(name: str):
 
 def validate(source: str = "grid") -> tuple[list[str], dict]:
     """source 'grid': every model's kernels from the wide kernel grid alone (GRID, measured
-    by calibration/kernel_grid.py in its own session); 'others': from the other models'
-    kernel tables (bench.py's, at those models' shapes only)."""
+    by calibration/kernel_grid.py in its own session); 'sparse': from that grid thinned to
+    SPARSE's L and M (off-grid lookups: interpolation or the regressors); 'others': from the
+    other models' kernel tables (bench.py's, at those models' shapes only)."""
     kernel_tables = {n: load_kernels(_ref(n)) for n in TABLES
                      if load_table(_ref(n)) and _has_kernels(n)}
-    grid = load_kernels(str(ROOT / GRID)) if source == "grid" else None
+    grid = {"grid": lambda: load_kernels(str(ROOT / GRID)),
+            "sparse": lambda: _sparse(load_kernels(str(ROOT / GRID)))}.get(source, lambda: None)()
     lines = ["| left out | model | phase | kernel model median / P90 | roofline (same data) median / P90 | "
              "device-bound n, kernel median / P90 | launch-bound n, kernel median / P90 |",
              "|---|---|---|---|---|---|---|"]
@@ -158,7 +188,8 @@ def validate(source: str = "grid") -> tuple[list[str], dict]:
                      f"{', '.join(fitted_on)}; roofline on those of "
                      f"{', '.join(n for n in TABLES if TABLES[n][1] != key)}")
         notes.append(f"  overhead h={overhead.host_ms_per_launch * 1e3:.1f} us/launch, "
-                     f"e={overhead.kernel_floor_ms * 1e3:.1f} us, c0={overhead.call_ms:.3f} ms; "
+                     f"e={overhead.kernel_floor_ms * 1e3:.1f} us, c0={overhead.call_ms:.3f} ms, "
+                     f"s={overhead.host_scale:.2f} x measured host, g={overhead.host_ms_per_op * 1e3:.1f} us/op; "
                      f"roofline compute {eff.compute:.3f}, memory {eff.memory:.3f}, launch x{eff.launch_scale:.2f}")
     lines.append(f"| all | | all | {_stats(pooled['device'] + pooled['launch'])} | {_stats(pooled['roof'])} | "
                  f"{len(pooled['device'])}: {_stats(pooled['device'])} | "
@@ -208,14 +239,18 @@ def main(argv=None) -> int:
     p.add_argument("--no-simulation", action="store_true")
     a = p.parse_args(argv)
     for source, title in (("grid", f"kernels from the wide kernel grid alone ({GRID})"),
+                          ("sparse", f"the same grid without its rows at L = 2048, 8192, 12288 and "
+                                     "M = 128, 512 (those phase points are off-grid)"),
                           ("others", "kernels from the other models' kernel tables")):
         lines, _ = validate(source)
         print(f"## Leave-one-model-out on the H200, {title}: |predicted / measured - 1|, median / P90\n")
         print("\n".join(lines) + "\n")
-    print("Launch-bound: a point where the fitted host chain (h per kernel launch, eager PyTorch "
-          "issuing ~13-17 kernels per layer from Python) outlasts the device's work, so the phase "
-          "time is the host's, flat in L and M (e.g. HSTU rank_cached up to L=8k). Its error is "
-          "that of h, one number per device carried across models, not of the kernel lookups.")
+    print("Launch-bound: a point where the fitted host chain outlasts the device's work, so the "
+          "phase time is the host's, flat in L and M (e.g. HSTU rank_cached up to L=8k). With the "
+          "grid's host rows the chain is s x each operator's measured host issue time + g per "
+          "operator, (s, g) fitted on the other models' tables; its error is the Python between "
+          "the operators, which differs by architecture (the grid times each operator bare) and "
+          "the host speed of the session a table was measured in, not the kernel lookups.")
     if not a.no_simulation:
         print("\n## Simulation check: scenarios/relay.yaml, ranking stage\n")
         print("\n".join(simulation_check(a.duration_s, a.replications)))

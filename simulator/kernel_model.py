@@ -4,26 +4,35 @@ A phase's time is its operator graph (`simrec.operators`) run through a model of
 serving, with every operator's device time looked up in a measured kernel table
 (``kernels.parquet``, written by ``calibration/bench.py`` or ``calibration/kernel_grid.py``):
 
+- **device time**: a kernel table's ``graph`` rows (calibration/kernel_grid.py times every
+  shape as a CUDA graph too) are the kernels' device time without any launch; its
+  ``isolated`` rows (one synchronised call) add the host's launch of every kernel of the
+  call, which for a call of several small kernels (HSTU's attention: seven) is most of it.
+  Tables that all have graph rows are costed from them; otherwise from the isolated rows.
 - **lookup**: a shape measured exactly gives its median. Otherwise it is interpolated
   linearly in log(time) over log(shape) where the kernel's grid brackets it (GEMMs along m at
   the same (n, k); attention along its lengths at the same width, heads and implementation),
   or costed by a small regressor per kernel family, ``time = a + b work + c bytes`` with
   a, b, c >= 0, fitted by least squares on relative error (the log error to first order).
   Which of the two a family uses is chosen by their leave-one-out errors on its own rows.
-  Element-wise and norm operators that the table did not measure use the regressor of the
-  memory-bound family (the K/V concatenations and any element-wise rows).
-- **eager pipeline**: the host issues the operators one after another, ``h`` ms per kernel
-  launch; the device runs operator i once it is issued and the previous one is done, for
-  its isolated time less ``e`` (an isolated timing includes its own launch, which a
+  Element-wise, norm and copy operators whose family the table did not measure use the
+  regressor of the memory-bound family (the element-wise rows), or else of kv_concat.
+- **eager pipeline**: the host issues the operators one after another; the device runs
+  operator i once it is issued and the previous one is done, for its device time (the graph
+  time, or the isolated time less ``e``: an isolated timing includes its own launch, which a
   pipeline hides). A call is ``max_i (issue_i + remaining device work_i) + c0``. At small L
   the host chain is the whole cost (launch-bound: the H100 table is flat at 3-4 ms); at
-  long L the device's. (h, e) are fitted per device on measured phase tables
-  (`fit_overhead`), by least squares on log time; c0 is kept for callers and fitted as 0.
+  long L the device's. The host's time per operator is, where the kernel table has host
+  rows (the issue time of each call measured back to back), ``s x`` that time ``+ g``:
+  s for the host speed of the session a phase table was measured in against the grid's, g
+  for the model's Python between the calls. Without host rows it is ``h`` per kernel
+  launch. (s, g) or (h, e) are fitted per device on measured phase tables (`fit_overhead`),
+  by least squares on log time; c0 is kept for callers and fitted as 0.
 
 Dims of the kernel table (FORMAT.md's kernels file): gemm (m, n, k); attn_causal (L, L, d);
-attn_target (queries, keys, d); kv_concat (a, b, d); an element-wise kind (elements, 0, 0).
-Optional columns ``arch`` (the attention implementation) and ``heads`` override the
-manifest model's for their row.
+attn_target (queries, keys, d); kv_concat and attn_concat (a, b, d); kv_store and head_copy
+(tokens, d, 0); an element-wise kind (elements, 0, 0). Optional columns ``arch`` (the
+attention implementation) and ``heads`` override the manifest model's for their row.
 """
 
 from __future__ import annotations
@@ -41,8 +50,9 @@ from .errors import InputError
 
 KERNEL_COLUMNS = ("kernel", "dim_a", "dim_b", "dim_c", "condition", "quantile", "time_ms", "n_samples")
 ATTENTION = ("attn_causal", "attn_target")
-KERNELS = ("gemm", *ATTENTION, "kv_concat", *opg.ELTWISE_PASSES, "emb_gather", "topk")
-MEMORY = ("kv_concat", *opg.ELTWISE_PASSES)      # the memory-bound family
+KERNELS = ("gemm", *ATTENTION, *opg.LAYOUT_KINDS, *opg.ELTWISE_PASSES, "emb_gather", "topk")
+MEMORY = tuple(opg.ELTWISE_PASSES)      # the memory-bound family
+TIMINGS = ("graph", "isolated", "host")   # kernel-table conditions a lookup uses
 PHASES = opg.PHASES
 
 
@@ -50,7 +60,7 @@ PHASES = opg.PHASES
 
 @dataclass(frozen=True)
 class KernelTable:
-    """The isolated medians of one kernel table, per kernel kind."""
+    """The medians of one kernel table, per kernel kind: isolated, and graph (device time)."""
 
     path: str
     device: str
@@ -60,6 +70,8 @@ class KernelTable:
     # kind -> (dims [n, 3] int, arch [n] str, heads [n] int, median ms [n])
     rows: dict = field(repr=False)
     manifest: dict = field(repr=False)
+    graph_rows: dict = field(default_factory=dict, repr=False)   # the same, condition graph
+    host_rows: dict = field(default_factory=dict, repr=False)    # condition host
 
     @property
     def n_shapes(self) -> int:
@@ -141,18 +153,22 @@ def load_kernels(ref: str) -> KernelTable:
     if not iso.any():
         raise InputError("no isolated rows (condition 'isolated' is what a lookup uses)", str(kpath),
                          "condition")
-    rows: dict = {}
-    med = iso & (q == 0.5)
-    shapes = {k[:6]: i for i, k in enumerate(key) if iso[i]}
-    with_median = {k[:6] for i, k in enumerate(key) if med[i]}
-    for k, i in shapes.items():
-        if k not in with_median:
-            raise row_error(kpath, i, f"quantile: the median (0.5) of {k[0]} [{k[3]},{k[4]},{k[5]}] is missing")
-    for kk in dict.fromkeys(kind[med]):
-        sel = med & (kind == kk)
-        rows[kk] = (dims[sel].astype(np.int64), arch[sel].astype(str), heads[sel].astype(np.int64), t[sel])
+    by_cond: dict = {}
+    for c in TIMINGS:
+        at = cond == c
+        med = at & (q == 0.5)
+        shapes = {k[:6]: i for i, k in enumerate(key) if at[i]}
+        with_median = {k[:6] for i, k in enumerate(key) if med[i]}
+        for k, i in shapes.items():
+            if k not in with_median:
+                raise row_error(kpath, i, f"quantile: the median (0.5) of {k[0]} [{k[3]},{k[4]},{k[5]}]"
+                                          + ("" if c == "isolated" else f" ({c})") + " is missing")
+        by_cond[c] = {kk: (dims[med & (kind == kk)].astype(np.int64), arch[med & (kind == kk)].astype(str),
+                           heads[med & (kind == kk)].astype(np.int64), t[med & (kind == kk)])
+                      for kk in dict.fromkeys(kind[med])}
     return KernelTable(str(kpath), str(device["name"]), str(model["arch"]), int(model["heads"]),
-                       opg.DTYPE_BYTES[model["dtype"]], rows, manifest)
+                       opg.DTYPE_BYTES[model["dtype"]], by_cond["isolated"], manifest, by_cond["graph"],
+                       by_cond["host"])
 
 
 # ------------------------------------------------------------------ lookups
@@ -168,7 +184,11 @@ def _coords(kind: str, dims, arch: str, heads: int) -> tuple[tuple, tuple]:
     if kind == "attn_target":
         return (c, heads, arch), (a, b - a)        # queries and history keys: a rectangular grid
     if kind == "kv_concat":
-        return (c,), (a, b)
+        return (c, heads), (a, b)
+    if kind == "attn_concat":
+        return (c, heads, arch), (a, b)
+    if kind in ("kv_store", "head_copy"):
+        return (b, heads), (a,)
     return (b, c), (a,)                             # element-wise (elements, 0, 0); gathers; topk
 
 
@@ -181,8 +201,10 @@ def _features(kind: str, dims, b: int) -> tuple[float, float]:
         return op.flops, op.bytes
     if kind in ATTENTION:
         return a * bb * c, (2 * a + 2 * bb) * c * b
-    if kind == "kv_concat":
+    if kind in ("kv_concat", "attn_concat"):
         return 0.0, opg.kv_concat(a, bb, c, b).bytes
+    if kind in ("kv_store", "head_copy"):
+        return 0.0, opg.head_op(kind, a, bb, b, "").bytes
     if kind in opg.ELTWISE_PASSES:
         return 0.0, opg.ELTWISE_PASSES[kind] * a * b
     return 0.0, 0.0
@@ -191,9 +213,13 @@ def _features(kind: str, dims, b: int) -> tuple[float, float]:
 def _family(kind: str, arch: str, head_dim: int = 0) -> str:
     """Shapes of one family share a regressor. Attention is one family per implementation
     and head width: SDPA picks a different kernel at head_dim 256 than at 128, so a head
-    layout nobody measured is costed from another only as a flagged last resort."""
+    layout nobody measured is costed from another only as a flagged last resort. Each layout
+    copy is its own family (their kernels differ: the strided cat runs ~6x slower than the
+    contiguous one), attn_concat one per arch."""
     if kind in MEMORY:
         return "memory"
+    if kind == "attn_concat":
+        return f"{kind}:{arch}"
     return f"{kind}:{arch}:hd{head_dim}" if kind in ATTENTION else kind
 
 
@@ -220,9 +246,12 @@ def _fit_regressor(X: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 class KernelCosts:
-    """Device time of any kernel shape, from the kernel tables of one device."""
+    """Device time of any kernel shape, from the kernel tables of one device: their graph
+    rows where every table has them (``timing`` 'graph'), else their isolated rows. Where
+    every table also has host rows, ``host`` costs each operator's host issue time the same
+    way (a KernelCosts of timing 'host'); else it is None."""
 
-    def __init__(self, tables: list[KernelTable]):
+    def __init__(self, tables: list[KernelTable], timing: str | None = None):
         if not tables:
             raise ValueError("KernelCosts needs at least one kernel table")
         devices = {t.device for t in tables}
@@ -233,10 +262,13 @@ class KernelCosts:
         if len(sizes) > 1:
             raise InputError("kernel tables of different dtypes cannot be combined", tables[0].path)
         self.tables, self.device, self.dtype_bytes = tables, tables[0].device, sizes.pop()
+        self.timing = timing or ("graph" if all(t.graph_rows for t in tables) else "isolated")
+        self.host = (KernelCosts(tables, "host") if timing is None and all(t.host_rows for t in tables)
+                     else None)
         # (kind, fixed) -> {axes: log ms}; a shape in several tables: the mean of their logs
         logs: dict = {}
         for tab in tables:
-            for kind, (dims, arch, heads, t) in tab.rows.items():
+            for kind, (dims, arch, heads, t) in self._rows(tab).items():
                 for d, a, h, v in zip(dims, arch, heads, t):
                     fixed, axes = _coords(kind, d, a, int(h))
                     logs.setdefault((kind, fixed), {}).setdefault(axes, []).append(math.log(v))
@@ -245,6 +277,9 @@ class KernelCosts:
                       for k, g in self.grid.items()}
         self._fit_families()
         self._memo: dict = {}
+
+    def _rows(self, tab: KernelTable) -> dict:
+        return {"graph": tab.graph_rows, "host": tab.host_rows}.get(self.timing, tab.rows)
 
     # -- interpolation
     def _interp(self, kind: str, fixed: tuple, axes: tuple, leave_out: int | None = None):
@@ -280,7 +315,7 @@ class KernelCosts:
     def _fit_families(self):
         rows: dict = {}
         for tab in self.tables:
-            for kind, (dims, arch, heads, t) in tab.rows.items():
+            for kind, (dims, arch, heads, t) in self._rows(tab).items():
                 for d, a, h, v in zip(dims, arch, heads, t):
                     fixed, axes = _coords(kind, d, a, int(h))
                     rows.setdefault(_family(kind, a, _head_dim(kind, d, h)), []).append(
@@ -312,18 +347,19 @@ class KernelCosts:
                                 else "regressor")
 
     def lookup(self, kind: str, dims, arch: str, heads: int) -> tuple[float, str]:
-        """(ms, how): 'exact', 'interpolated', 'regressor', or 'other head layout' (an
-        attention regressor of the same implementation at another head width)."""
+        """(ms, how): 'exact', 'interpolated', 'regressor', 'other head layout' (an attention
+        regressor of the same implementation at another head width), or 'memory regressor' /
+        'kv_concat regressor' (a copy or element-wise kind the tables did not measure)."""
         key = (kind, tuple(int(v) for v in dims), arch, heads)
         got = self._memo.get(key)
         if got is not None:
             return got
         fixed, axes = _coords(kind, dims, arch, heads)
         y = self.grid.get((kind, fixed), {}).get(axes)
+        fam = _family(kind, arch, _head_dim(kind, dims, heads))
         if y is not None:
             got = (math.exp(y), "exact")
         else:
-            fam = _family(kind, arch, _head_dim(kind, dims, heads))
             y = self._interp(kind, fixed, axes) if self.choice.get(fam) == "interpolation" else None
             if y is not None:
                 got = (math.exp(y), "interpolated")
@@ -334,6 +370,10 @@ class KernelCosts:
                                   for f in self.regressors if f.startswith(f"{kind}:{arch}:hd"))
                     if near:
                         reg, how = self.regressors[near[0][1]], "other head layout"
+                if reg is None and kind not in ATTENTION and kind != "gemm":
+                    near = [f for f in ("memory", "kv_concat") if f in self.regressors]
+                    if near:        # bench.py's tables time no element-wise kernels, only the K/V cat
+                        reg, how = self.regressors[near[0]], f"{near[0]} regressor"
                 if reg is None:
                     have = ", ".join(sorted(self.regressors))
                     raise InputError(f"the kernel tables have no {fam} kernels to cost {kind} "
@@ -352,6 +392,8 @@ class Overhead:
     host_ms_per_launch: float        # h
     kernel_floor_ms: float           # e
     call_ms: float                   # c0
+    host_scale: float = 0.0          # s: the measured host issue time of each operator, scaled
+    host_ms_per_op: float = 0.0      # g: per operator, the Python between the measured calls
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,32 +403,47 @@ class Costed:
     launches: np.ndarray
     device_ms: np.ndarray
     how: tuple[str, ...]
+    device_only: bool = False        # device_ms are graph times: no launch inside to take off
+    host_ms: np.ndarray | None = None    # measured host issue ms per operator, where the table has them
+
+    def work(self, o: Overhead) -> np.ndarray:
+        return self.device_ms if self.device_only else np.maximum(self.device_ms - o.kernel_floor_ms, 0.0)
+
+    def host(self, o: Overhead) -> np.ndarray:
+        """Host ms to issue each operator: h per launch, plus s x its measured host time + g."""
+        h = self.launches * o.host_ms_per_launch
+        return h if self.host_ms is None else h + o.host_scale * self.host_ms + o.host_ms_per_op
 
     def time_ms(self, o: Overhead) -> float:
-        issue = np.cumsum(self.launches * o.host_ms_per_launch)
-        work = np.maximum(self.device_ms - o.kernel_floor_ms, 0.0)
-        remaining = np.cumsum(work[::-1])[::-1]
+        issue = np.cumsum(self.host(o))
+        remaining = np.cumsum(self.work(o)[::-1])[::-1]
         return float(np.max(issue + remaining) + o.call_ms)
 
     def host_bound(self, o: Overhead) -> bool:
         """Whether the host's launches take longer than the device's work (launch-bound)."""
-        work = np.maximum(self.device_ms - o.kernel_floor_ms, 0.0).sum()
-        return float(self.launches.sum() * o.host_ms_per_launch) >= float(work)
+        return float(self.host(o).sum()) >= float(self.work(o).sum())
 
 
 def cost_graph(costs: KernelCosts, spec, phase: str, L: int, M: int) -> Costed:
     heads, arch = int(spec.heads), spec.arch
     seq = opg.ops(opg.graph(spec, phase, L, M))
-    found = [costs.lookup(op.kind, op.dims + (0,) * (3 - len(op.dims)), arch, heads) for op in seq]
+    dims = [op.dims + (0,) * (3 - len(op.dims)) for op in seq]
+    found = [costs.lookup(op.kind, d, arch, heads) for op, d in zip(seq, dims)]
+    host = (None if costs.host is None else
+            np.array([costs.host.lookup(op.kind, d, arch, heads)[0] for op, d in zip(seq, dims)]))
     return Costed(np.array([op.launches for op in seq], float), np.array([t for t, _ in found]),
-                  tuple(h for _, h in found))
+                  tuple(h for _, h in found), costs.timing == "graph", host)
 
 
 def fit_overhead(points: list[tuple[Costed, float]]) -> Overhead:
-    """(h, e) by least squares on log time over measured phase medians (Costed, ms), e at
-    most the fastest kernel the points use. c0 stays 0: a constant per call fitted on
-    24-layer models overpredicted an 8-layer one by 1.4 ms in leave-one-model-out, while the
-    per-launch cost carried (15-20 us on the H200 across three models)."""
+    """The host side of the eager pipeline by least squares on log time over measured phase
+    medians (Costed, ms). Points with measured host times: (s, g), the host issue time of
+    each operator scaled by s (the phase table's session may have a faster or slower host
+    than the kernel grid's) plus g per operator (the model's Python between calls), h = e =
+    0. Else (h, e), e at most the fastest kernel the points use; e = 0 where every point is
+    costed from graph (device) times, which hold no launch. c0 stays 0: a constant per call
+    fitted on 24-layer models overpredicted an 8-layer one by 1.4 ms in leave-one-model-out,
+    while the per-launch cost carried (15-20 us on the H200 across three models)."""
     from scipy.optimize import least_squares
     if not points:
         raise ValueError("fit_overhead needs measured phase points")
@@ -397,6 +454,17 @@ def fit_overhead(points: list[tuple[Costed, float]]) -> Overhead:
         o = Overhead(theta[0], theta[1], 0.0)
         return np.log([c.time_ms(o) for c, _ in points]) - measured
 
+    if all(c.host_ms is not None and c.device_only for c, _ in points):
+        def resid_sg(th):
+            o = Overhead(0.0, 0.0, 0.0, th[0], th[1])
+            return np.log([c.time_ms(o) for c, _ in points]) - measured
+        best = min((least_squares(resid_sg, x0, bounds=([0, 0], [10.0, 1.0]))
+                    for x0 in ([1.0, 0.0], [1.5, 0.005], [0.5, 0.01])), key=lambda r: r.cost)
+        return Overhead(0.0, 0.0, 0.0, float(best.x[0]), float(best.x[1]))
+    if all(c.device_only for c, _ in points):
+        best = min((least_squares(lambda th: resid([th[0], 0.0]), [x0], bounds=([0], [1.0]))
+                    for x0 in (0.003, 0.01, 0.02)), key=lambda r: r.cost)
+        return Overhead(float(best.x[0]), 0.0, 0.0)
     best = min((least_squares(resid, x0, bounds=([0, 0], [1.0, floor]))
                 for x0 in ([0.01, 0.5 * floor], [0.003, 0.0], [0.02, 0.9 * floor])), key=lambda r: r.cost)
     return Overhead(float(best.x[0]), float(best.x[1]), 0.0)
@@ -465,8 +533,9 @@ class KernelModel:
 
 @lru_cache(maxsize=8)
 def _device_fit(table_refs: tuple[str, ...]) -> tuple[KernelCosts, Overhead, object]:
-    """Kernel costs from every table that has kernels; the overhead fitted on every table
-    that has a phase table (each costed as its own model); and the first phase table (for
+    """Kernel costs from every table that has kernels (only those with graph rows, if any
+    has: graph and isolated times are not mixed); the overhead fitted on every table that
+    has a phase table (each costed as its own model); and the first phase table (for
     prefix_reload and the noise). Tables must share a device."""
     from simrec.calibration.table import load_table
     ktabs, phase_tables = [], []
@@ -481,7 +550,7 @@ def _device_fit(table_refs: tuple[str, ...]) -> tuple[KernelCosts, Overhead, obj
     if not phase_tables:
         raise InputError("none of the tables has a phase table to fit the per-launch overhead "
                          "on; add one of the same device to overhead_from", table_refs[0])
-    costs = KernelCosts(ktabs)
+    costs = KernelCosts([t for t in ktabs if t.graph_rows] or ktabs)
     points = []
     for ref, table in phase_tables:
         if str(table.manifest.device.get("name")) != costs.device:

@@ -112,6 +112,38 @@ def test_bad_manifest_and_missing_columns_are_one_line_errors(tmp_path):
         load_kernels(str(folder))
 
 
+def test_graph_rows_are_device_time_and_host_rows_the_host_side(tmp_path):
+    """A table with graph and host rows is costed from them: lookups give the graph median,
+    the isolated floor e is not taken off, and the host side is the measured host time."""
+    rows = power_law_rows() + [(k, m, n, kk, c, q, t * f, n_) for k, m, n, kk, _, q, t, n_ in power_law_rows()
+                               for c, f in (("graph", 0.5), ("host", 0.2))]
+    costs = KernelCosts([load_kernels(write_kernels(tmp_path / "k", rows))])
+    assert costs.timing == "graph" and costs.host.timing == "host"
+    assert costs.lookup("gemm", (256, 256, 64), "transformer", 4)[0] == pytest.approx(0.5 * 0.01 * 4 ** 0.7)
+    assert costs.host.lookup("gemm", (256, 256, 64), "transformer", 4)[0] == pytest.approx(0.2 * 0.01 * 4 ** 0.7)
+    c = Costed(np.ones(3), np.full(3, 1.0), ("exact",) * 3, True, np.full(3, 0.1))
+    assert c.time_ms(Overhead(0.0, 0.5, 0.0, 2.0, 0.05)) == pytest.approx(0.25 + 3.0)    # e ignored
+    tiny = Costed(np.ones(3), np.full(3, 0.001), ("exact",) * 3, True, np.full(3, 0.1))
+    assert tiny.host_bound(Overhead(0.0, 0.0, 0.0, 1.0, 0.0))
+    assert tiny.time_ms(Overhead(0.0, 0.0, 0.0, 2.0, 0.05)) == pytest.approx(3 * 0.25 + 0.001)
+
+
+def test_overhead_fit_recovers_host_scale_and_per_op_cost():
+    rng = np.random.default_rng(0)
+    pts = [Costed(np.ones(n), rng.uniform(0.001, w, n), ("exact",) * n, True, rng.uniform(0.005, 0.03, n))
+           for n, w in ((50, 0.01), (200, 0.02), (100, 0.5), (300, 0.005))]
+    truth = Overhead(0.0, 0.0, 0.0, 0.7, 0.008)
+    fit = fit_overhead([(c, c.time_ms(truth)) for c in pts])
+    assert (fit.host_scale, fit.host_ms_per_op) == pytest.approx((0.7, 0.008), rel=1e-3)
+
+
+def test_a_copy_kind_the_table_lacks_is_costed_by_the_memory_regressor(tmp_path):
+    rows = power_law_rows() + [("copy", n, 0, 0, "isolated", 0.5, 0.002 + n * 1e-9, 20)
+                               for n in (1024, 65536, 1 << 20, 1 << 24)]
+    costs = KernelCosts([load_kernels(write_kernels(tmp_path / "k", rows))])
+    assert costs.lookup("kv_store", (4096, 1024, 0), "transformer", 4)[1] == "memory regressor"
+
+
 # ------------------------------------------------------------------ the eager pipeline
 def test_pipeline_is_host_bound_for_tiny_kernels_and_device_bound_for_large():
     o = Overhead(host_ms_per_launch=0.01, kernel_floor_ms=0.002, call_ms=0.1)
@@ -243,7 +275,9 @@ def test_kernels_service_from_the_h200_grid_with_the_overhead_from_another_table
         "run.duration_s=1", SERVICE.replace("table: h200_gr_hstu", f"table: {grid}")[:-1]
         + ", overhead_from: [h200_gr_transformer]}"])
     svc = build(sc.stages["ranking"].service, np.random.default_rng(0), "stages.ranking.service", relay=True)
-    assert {kt.path.split("/")[-2] for kt in svc.model.costs.tables} == {"h200_kernel_grid", "h200_gr_transformer"}
+    # the grid's graph (device) times; h200_gr_transformer's isolated kernels are not mixed in
+    assert [kt.path.split("/")[-2] for kt in svc.model.costs.tables] == ["h200_kernel_grid"]
+    assert svc.model.costs.timing == "graph" and svc.model.costs.host is not None
     assert 0 < svc.median("rank_cached", 4096, 256) < svc.median("full_forward", 4096, 256)
     with pytest.raises(InputError, match="none of the tables has a phase table to fit the per-launch overhead"):
         build(load_scenario("scenarios/relay.yaml", [SERVICE.replace("table: h200_gr_hstu", f"table: {grid}")])

@@ -65,7 +65,7 @@ def test_graph_matches_what_the_torch_model_executes(arch):
             assert counts["aten.addmm"] == gemm, phase
             if arch == "hstu":      # dense pointwise attention: QK^T and AV over every pair
                 dense = sum(b.repeat * 4 * op.dims[0] * op.dims[1] * op.dims[2]
-                            for b in blocks for op in b.ops if op.kind.startswith("attn"))
+                            for b in blocks for op in b.ops if op.kind in ("attn_causal", "attn_target"))
                 assert counts["aten.bmm"] == dense, phase
 
 
@@ -74,3 +74,16 @@ def test_unknown_arch_and_phase_are_one_line_errors():
         opg.graph(ModelShape("stca", 2, 8, 2, 8, 2), "full_forward", 4, 2)
     with pytest.raises(ValueError, match="no operator graph for phase 'prefix_reload'"):
         opg.graph(ModelShape("hstu", 2, 8, 2, 8, 2), "prefix_reload", 4, 2)
+
+
+def test_hstu_causal_attention_launches_follow_the_models_query_blocks():
+    """10 kernels per query block (+1 cat of the blocks), the blocks as HSTUBlock makes them
+    (the profile of prefix_encode at L=16384 showed 2098 kernels, as the graph counts)."""
+    pytest.importorskip("torch")
+    from simrec.calibration.gr_models import HSTUBlock
+    assert opg.HSTU_QUERY_CHUNK_ELEMS == HSTUBlock.QUERY_CHUNK_ELEMS
+    assert opg.attn_launches("hstu", "causal", 1024, 4) == 10
+    assert opg.attn_launches("hstu", "causal", 16384, 4) == 8 * 10 + 1     # blocks of 2048 rows
+    spec = ModelShape("hstu", 24, 1024, 4, 4096, 2, 32)
+    assert opg.total(opg.graph(spec, "prefix_encode", 16384, 0), "launches") == 2098
+    assert opg.total(opg.graph(spec, "rank_cached", 16384, 64), "launches") == 411
