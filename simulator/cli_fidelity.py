@@ -5,6 +5,7 @@ Torch is imported only inside `testbed`, so `simrec --help` works without it.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -99,16 +100,21 @@ def testbed(
 
 
 def fit(
-    run: Path = typer.Argument(..., help="a serving-log folder (jobs.parquet or jobs.csv + run.yaml; "
-                                         "calibration/FORMAT.md)"),
+    runs: list[Path] = typer.Argument(..., help="a serving-log folder (jobs.parquet or jobs.csv + run.yaml; "
+                                               "calibration/FORMAT.md); more logs of the same "
+                                               "system after it set the between-run level"),
     out: Path = typer.Option(..., "--out", "-o", help="profile file to write (JSON)"),
 ):
-    """Fit a serving profile from one serving log against its cost table.
+    """Fit a serving profile from a serving log against its cost table.
 
     The profile holds the in-serving excess over the table (per phase, job size and how long
     the device idled) and the slow episodes found in the log (rate, durations, slowdowns,
     from a two-state hidden Markov model over windows of jobs). Use it in a scenario as
     `service: {kind: gr, table: T, profile: FILE}`.
+
+    Given more logs, the profile is still fitted on the first; each log's in-serving level
+    (its excess over the one the profile expects) sets a between-run level, drawn once per
+    replication, so a prediction interval spans how runs of the system differ.
 
     Example: simrec fit calibration/testbed_runs/h200_eager/full_u50_long --out full_u50.profile.json
     """
@@ -118,8 +124,14 @@ def fit(
     try:
         if out.exists() and not _is_profile(out):
             raise InputError("exists and is not a serving profile: not replaced", str(out))
-        log = load_log(run)
+        logs = [load_log(r) for r in runs]
+        log = logs[0]
         profile, _ = fid.fit_log(log)
+        if len(logs) > 1:
+            names = [g.name for g in logs]
+            if len(set(names)) != len(names):
+                raise InputError(f"log names must be unique (got {names})", str(runs[0]))
+            profile = fid.levelled(profile, logs)
         save(profile, out)
     except InputError as e:
         _fail(e)
@@ -163,6 +175,11 @@ def profile_summary(profile, name: str, out: Path) -> str:
         lines.append(f"  {f['episodes']} episodes, {f['rate_per_min']:.2f} per minute of normal running, "
                      f"{f['time_in_episodes']:.1%} of the time; duration s median {d['median']} "
                      f"[{d['min']}, {d['max']}]; slowdown median x{s['median']} [{s['min']}, {s['max']}]")
+    lv = profile.info.get("level")
+    if lv:
+        sd = "none (one log per cell)" if lv["sd_log"] is None else f"{lv['sd_log']:.3f} (log, df {lv['df']})"
+        lines.append(f"between-run level, from {len(lv['runs'])} logs; sd {sd}; centre per cell:")
+        lines += [f"  {c:24s} x{math.exp(m):.3f} ({lv['runs_per_cell'][c]} logs)" for c, m in lv["centre_log"].items()]
     lines.append(f"written: {out}")
     return "\n".join(lines)
 
@@ -178,6 +195,9 @@ def fidelity(
     sources: Optional[str] = typer.Option(None, help="comma-separated subset of: replay, table, profile"),
     bootstrap: int = typer.Option(1000, min=100, help="block-bootstrap resamples for measured intervals"),
     jobs: int = typer.Option(0, min=0, help="processes (0: one per core)"),
+    levels: bool = typer.Option(True, "--levels/--no-levels", help="with 3 or more logs, carry the "
+                                "between-run level of the logs other than the judged one into its "
+                                "profile (its prediction interval then spans run-to-run variation)"),
 ):
     """Compare simulated with measured ranking latency of serving logs (simrec's error).
 
@@ -205,7 +225,7 @@ def fidelity(
             task = bar.add_task("simulations", total=None)
             report = fid.run_fidelity(runs, out, fit_run, cross_fit, replications, chosen, bootstrap,
                                       jobs or os.cpu_count() or 1,
-                                      lambda k, n: bar.update(task, completed=k, total=n))
+                                      lambda k, n: bar.update(task, completed=k, total=n), levels)
     except InputError as e:
         _fail(e)
     print(report.markdown())

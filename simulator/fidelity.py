@@ -285,13 +285,32 @@ def _map(fn, items: list, jobs: int):
         yield from map(fn, items)
 
 
+def _medians(log: ServingLog):
+    from simrec.calibration.table import load_table
+    from .serving_profile import reference_medians
+    table = load_table(log.table)
+    return table, reference_medians(table)
+
+
+def level_of(profile, log: ServingLog) -> dict[str, float]:
+    """A log's in-serving level per cell against a profile (profile_fit.run_level), on its
+    own table."""
+    from .profile_fit import run_level
+    return run_level(profile, log.ran(), _medians(log)[1], log.warmup_s * 1000.0)
+
+
+def levelled(profile, logs: list[ServingLog]):
+    """The profile with the between-run level of these logs (those it can scale)."""
+    from .profile_fit import with_levels
+    levels = {g.name: lv for g in logs if (lv := level_of(profile, g))}
+    return with_levels(profile, levels) if levels else profile
+
+
 def fit_log(log: ServingLog):
     """The serving profile of one log against its own table."""
-    from simrec.calibration.table import load_table
     from .profile_fit import fit_profile
-    from .serving_profile import REFERENCE, reference_medians
-    table = load_table(log.table)
-    medians = reference_medians(table)
+    from .serving_profile import REFERENCE
+    table, medians = _medians(log)
     info = {"reference": f"table median under {REFERENCE} where the table has it, else isolated",
             "fitted_from": {"run": log.name, "folder": str(log.folder), "device": log.device,
                             "policy": log.policy},
@@ -419,9 +438,11 @@ def _is_pilot(log: ServingLog) -> bool:
 def run_fidelity(paths: list[Path], out: Path | None = None, fit_run: str | None = None,
                  cross: bool = False, replications: int = 10, sources: tuple[str, ...] = SOURCES,
                  n_boot: int = 1000, jobs: int = 1, progress: Callable[[int, int], None] | None = None,
-                 ) -> FidelityReport:
+                 levels: bool = True) -> FidelityReport:
     """Judge every (non-pilot) log with each source; the profile is fitted on `fit_run`
-    (default: the longest log), and with `cross` on every log in turn."""
+    (default: the longest log), and with `cross` on every log in turn. With `levels` and
+    three or more logs, the profile judging a log carries the between-run level of all the
+    other logs (never of the judged one: profile_fit.with_levels)."""
     logs = [load_log(p) for p in find_logs(paths)]
     names = [g.name for g in logs]
     if len(set(names)) != len(names):
@@ -444,17 +465,25 @@ def run_fidelity(paths: list[Path], out: Path | None = None, fit_run: str | None
             traces[g.name] = str(tmp / f"{g.name}.trace.parquet")
             trace.to_parquet(traces[g.name])
             meas[g.name] = measure(g, trace, n_boot)
-        profiles, diag = {}, {}
+        from .profile_fit import with_levels
+        profiles, diag, judging = {}, {}, {}
         for name in fits:
             prof, _ = fit_log(by_name[name])
             profiles[name] = str(save(prof, tmp / f"{name}.profile.json"))
             diag[name] = prof.info["fit"]
+            if levels and len(judged) >= 3:
+                lv = {g.name: level_of(prof, g) for g in judged}
+                for g in judged:
+                    others = {k: v for k, v in lv.items() if k != g.name and v}
+                    if others:
+                        judging[name, g.name] = str(save(with_levels(prof, others),
+                                                         tmp / f"{name}.for.{g.name}.profile.json"))
         tasks = []
         for g in judged:
             for s in sources:
                 if s == "profile":
-                    tasks += [Task(str(g.folder), traces[g.name], s, replications, profiles[f], f)
-                              for f in fits]
+                    tasks += [Task(str(g.folder), traces[g.name], s, replications,
+                                   judging.get((f, g.name), profiles[f]), f) for f in fits]
                 else:
                     tasks.append(Task(str(g.folder), traces[g.name], s, replications))
         rows, curves, checks = [], {}, {}

@@ -277,3 +277,53 @@ def fit_profile(ran: pd.DataFrame, medians, warmup_ms: float, info: dict) -> tup
 def _quartiles(v) -> dict:
     q = np.quantile(np.asarray(v, float), [0, 0.25, 0.5, 0.75, 1])
     return dict(zip(("min", "q25", "median", "q75", "max"), (round(float(x), 4) for x in q)))
+
+
+# ----------------------------------------------------------------------------- between-run level
+
+def run_level(profile: Profile, ran: pd.DataFrame, medians, warmup_ms: float) -> dict[str, float]:
+    """A serving log's in-serving level against a profile, per cell of the profile's pools
+    ("phase|size class", `Profile.cell`) that ran MIN_POOL jobs or more after the warm-up:
+    the median log of busy time over the time the profile expects (0: as fitted).
+
+    The same shapes on the same machine ran with 15-45% different host excess in runs
+    minutes apart while one run drifted 1-3%, and host-bound cells feel it, GPU-bound ones
+    hardly: a profile from one log cannot know the next run's level, so `with_levels`
+    carries it across runs."""
+    keep = (ran["arrival_ms"].to_numpy() >= warmup_ms) & (ran["outcome"].to_numpy(str) != "cancelled")
+    j = ran[keep]
+    phase = job_phase(j["kind"], j["outcome"])
+    memo: dict = {}
+    base = np.array([memo.setdefault((p, l, m), medians(p, l, 0 if p == "prefix_encode" else m))
+                     for p, l, m in zip(phase, j["history_len"].to_numpy(), j["candidates"].to_numpy())])
+    mid = int(np.searchsorted(QUANTILES, 0.5))
+    cells, expected = [], []
+    for p, b, i in zip(phase, base, j["idle_ms"].to_numpy(float)):
+        pool, _, cell = profile.cell(p, b, i)
+        cells.append(cell)
+        expected.append(b + pool[mid])
+    cells = np.array(cells)
+    log_r = np.log(np.maximum(j["busy_ms"].to_numpy(float), 1e-6) / np.maximum(expected, 1e-6))
+    return {c: float(np.median(log_r[cells == c])) for c in np.unique(cells)
+            if (cells == c).sum() >= MIN_POOL}
+
+
+def with_levels(profile: Profile, levels: dict[str, dict[str, float]]) -> Profile:
+    """The profile with the between-run level of several logs (run name -> `run_level`,
+    the fitted log's own among them, or not): per cell, the logs' mean log level (where a
+    new run is centred) and how many logs ran it; the between-run sd pooled over cells (each
+    cell's deviations from its own mean) with its degrees of freedom. `InServing` draws one
+    level a replication (serving_profile.level_drawn), so the prediction interval carries
+    the run-to-run variation and the centre the other runs' level."""
+    cells = sorted({c for lv in levels.values() for c in lv})
+    centre, count, ss, df = {}, {}, 0.0, 0
+    for c in cells:
+        v = np.array([lv[c] for lv in levels.values() if c in lv])
+        centre[c], count[c] = round(float(v.mean()), 6), len(v)
+        ss += float(np.sum((v - v.mean()) ** 2))
+        df += len(v) - 1
+    info = {**profile.info, "level": {
+        "runs": sorted(levels), "centre_log": centre, "runs_per_cell": count,
+        "sd_log": round(math.sqrt(ss / df), 6) if df > 0 else None, "df": df,
+        "log_levels": {r: {c: round(x, 6) for c, x in sorted(lv.items())} for r, lv in sorted(levels.items())}}}
+    return Profile(profile.quantiles, profile.phases, profile.episodes, info)

@@ -14,8 +14,10 @@ kinds of reason that the profile keeps apart:
   a declared block stretches every job by the factor).
 
 `simrec fit` writes a profile (`profile_fit.py`); a `table` or `gr` service uses one with
-`profile: FILE`. Each job then costs (reference median + drawn excess) x the node's episode
-factor ** elasticity, the reference being the table's idle_gap curve where it has one. The profile replaces the table's own isolated noise, which is part of
+`profile: FILE`. Each job then costs (reference median + drawn excess) x level x the node's
+episode factor ** elasticity, the reference being the table's idle_gap curve where it has
+one, and the level a replication's draw of the between-run level of the job's cell (1 for
+a profile fitted without other logs). The profile replaces the table's own isolated noise, which is part of
 the excess.
 """
 
@@ -80,19 +82,26 @@ class Profile:
     info: dict                              # provenance and fit diagnostics, as written
 
     def pool(self, phase: str, base_ms: float, idle_ms: float) -> tuple[np.ndarray, float]:
-        """The excess pool of a job and its episode elasticity: its phase's, else the
+        """The excess pool of a job and its episode elasticity (see `cell`)."""
+        pool, elasticity, _ = self.cell(phase, base_ms, idle_ms)
+        return pool, elasticity
+
+    def cell(self, phase: str, base_ms: float, idle_ms: float) -> tuple[np.ndarray, float, str]:
+        """The excess pool of a job, its episode elasticity and the name of its cell
+        ("phase|size class", the key of between-run levels): its phase's pool, else the
         all-phase pool of its size class and idle bin, else the all-phase pool of every job
         (key (-1, -1)); the all-phase classes extend to any size (the nearest class)."""
         for name in (phase, ALL):
             ex = self.phases.get(name)
             got = ex.pool(base_ms, idle_ms) if ex is not None else None
             if got is not None:
-                return got, ex.elasticity.get(ex.size_class(base_ms), 1.0)
+                b = ex.size_class(base_ms)
+                return got, ex.elasticity.get(b, 1.0), f"{name}|{b}"
         ex = self.phases[ALL]
         b = bisect.bisect_right(ex.base_edges_ms, base_ms)
         got = ex.pools.get((b, idle_bin(idle_ms)))
         got = got if got is not None else ex.pools.get((b, -1))
-        return (got if got is not None else ex.pools[(-1, -1)]), ex.elasticity.get(b, 1.0)
+        return (got if got is not None else ex.pools[(-1, -1)]), ex.elasticity.get(b, 1.0), f"{ALL}|{b}"
 
     # ------------------------------------------------------------------ file
     def to_json(self) -> dict:
@@ -146,7 +155,28 @@ class Profile:
                 raise InputError(f"bad episodes block: {' '.join(s.strip() for s in first)}", source,
                                  "episodes") from None
         info = {k: v for k, v in data.items() if k not in ("format", "version", "excess_ms", "episodes")}
+        if info.get("level") is not None:
+            _check_level(info["level"], source)
         return cls(q, phases, episodes, info)
+
+
+def _check_level(lv, source: str) -> None:
+    """A between-run level block (profile_fit.with_levels): finite, modest log levels."""
+    def real(x, hi=10.0) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and abs(x) < hi
+    try:
+        ok = (all(real(x) for x in lv["centre_log"].values())
+              and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                      for k in lv["runs_per_cell"].values())
+              and set(lv["runs_per_cell"]) == set(lv["centre_log"])
+              and (lv.get("sd_log") is None or real(lv["sd_log"]) and lv["sd_log"] >= 0)
+              and (lv.get("df") is None or isinstance(lv["df"], int) and 0 <= lv["df"] < 10**6))
+    except (KeyError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise InputError("malformed between-run level: need centre_log and runs_per_cell (cell -> "
+                         "finite log level, cell -> count >= 1, the same cells), sd_log (null or "
+                         "0..10) and df (an integer)", source, "level")
 
 
 def save(profile: Profile, path: Path) -> Path:
@@ -222,6 +252,23 @@ def episodes_drawn(profile: Profile, rng: np.random.Generator) -> sc.Interferenc
     return ep.model_copy(update=update)
 
 
+def level_drawn(profile: Profile, rng: np.random.Generator) -> dict[str, float] | None:
+    """One replication's between-run level (`profile_fit.with_levels`): per cell, the factor
+    on its jobs' time. A new run's log level in a cell is predicted as its centre over the
+    logs + sd sqrt(1 + 1/k) t, k the logs that ran the cell, sd the between-run spread
+    pooled over cells, and t one Student-t draw (pooled degrees of freedom) shared by every
+    cell: runs differ as a whole (the host's level). A cell no log ran: centre 0, k 1.
+    None without levels."""
+    lv = profile.info.get("level")
+    if not lv:
+        return None
+    centre, count, sd, df = lv["centre_log"], lv["runs_per_cell"], lv.get("sd_log"), lv.get("df") or 0
+    t = float(rng.standard_t(df)) if sd is not None and df > 0 else 0.0
+    spread = float(sd or 0.0)
+    return {"": math.exp(spread * math.sqrt(2.0) * t),
+            **{c: math.exp(float(m) + spread * math.sqrt(1 + 1 / count[c]) * t) for c, m in centre.items()}}
+
+
 class InServing:
     """A stage's cost model under a profile: a phase costs its reference median (see
     `reference_medians`) plus an excess drawn for the phase, the median's size class and how
@@ -236,6 +283,7 @@ class InServing:
         self.base, self.profile, self.default_phase = base, profile, phase
         self._reference = reference
         self.interference = episodes_drawn(profile, rng)
+        self.level = level_drawn(profile, rng)
         self.episodes: list | None = None       # per node: the profile's episode timeline
         self._u = Draws(rng, lambda r, n: r.uniform(0, 1, n))
         self._idle, self._slow = math.inf, 1.0
@@ -253,8 +301,10 @@ class InServing:
 
     def phase(self, name: str, L: int, M: int = 0) -> float:
         med = self._reference(name, L, M)
-        pool, elasticity = self.profile.pool(name, med, self._idle)
+        pool, elasticity, cell = self.profile.cell(name, med, self._idle)
         t = max(med + float(np.interp(self._u.next(), self._q, pool)), 1e-6)
+        if self.level is not None:
+            t *= self.level.get(cell, self.level[""])
         return t * self._slow ** elasticity if self._slow != 1.0 else t
 
     def sample(self, L: int, M: int) -> float:

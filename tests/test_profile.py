@@ -38,8 +38,9 @@ def planted_episodes(rng, span_ms, rate_per_min, mean_s, factor):
         t += d
 
 
-def synthetic_log(folder, table, seconds=60.0, episodes=(8.0, 2.0, 1.8), seed=0):
-    """Write a serving log; returns the planted episodes [(start_ms, end_ms, factor)]."""
+def synthetic_log(folder, table, seconds=60.0, episodes=(8.0, 2.0, 1.8), seed=0, level=1.0):
+    """Write a serving log; returns the planted episodes [(start_ms, end_ms, factor)].
+    `level`: the run's in-serving level, a factor on every job's time."""
     from simrec.calibration.table import load_table
     rng = np.random.default_rng(seed)
     curve = load_table(table).curve("full_forward")
@@ -56,7 +57,7 @@ def synthetic_log(folder, table, seconds=60.0, episodes=(8.0, 2.0, 1.8), seed=0)
         while k < len(planted) and planted[k][1] <= s:
             k += 1
         f = planted[k][2] if k < len(planted) and planted[k][0] <= s else 1.0
-        prev = s + (med[L[i]] + excess[i]) * f
+        prev = s + (med[L[i]] + excess[i]) * f * level
         starts[i], ends[i] = s, prev
     jobs = pd.DataFrame({"kind": "rank", "request_id": np.arange(n), "user_id": rng.integers(0, 1000, n),
                          "history_len": L, "candidates": 128, "arrival_ms": arrival, "start_ms": starts,
@@ -193,3 +194,75 @@ run: {duration_s: 60, replications: 4, seed: 2}
     reps = json.loads((tmp_path / "o" / "summary.json").read_text())["metrics"]["stages"]["s"]["p99_ms"]["replications"]
     c, lo, hi = prediction_interval(reps)
     assert f"s P99 {c:.2f} ms, 95% prediction interval for one run [{lo:.2f}, {hi:.2f}] (4 replications)" in r.output
+
+
+# ------------------------------------------------------------------ between-run level
+
+@pytest.fixture(scope="module")
+def levelled_logs(tmp_path_factory, gr_table):
+    """Four runs of one system whose in-serving level differs (x1, x1.2, x0.9, x1.1)."""
+    root = tmp_path_factory.mktemp("levels")
+    levels = {"a": 1.0, "b": 1.2, "c": 0.9, "d": 1.1}
+    for k, (name, lv) in enumerate(levels.items()):
+        synthetic_log(root / name, gr_table, seconds=40.0, episodes=None, seed=10 + k, level=lv)
+    return root, levels
+
+
+def test_run_level_recovers_each_runs_level(levelled_logs):
+    from simrec.fidelity import fit_log, level_of
+    root, levels = levelled_logs
+    profile, _ = fit_log(load_log(root / "a"))
+    got = {n: level_of(profile, load_log(root / n)) for n in levels}
+    assert set(got["a"]) == set(got["b"]) and len(got["a"]) >= 2       # one level per size class
+    for n, lv in levels.items():
+        for cell, x in got[n].items():
+            # against the fitted run's own level in the cell (the median of a ratio, not 0);
+            # about 4,000 jobs a cell put a median log ratio within ~0.003
+            assert x - got["a"][cell] == pytest.approx(math.log(lv), abs=0.01), (n, cell)
+
+
+def test_with_levels_pools_the_between_run_spread(levelled_logs):
+    from simrec.fidelity import fit_log, levelled
+    root, levels = levelled_logs
+    logs = [load_log(root / n) for n in levels]
+    profile = levelled(fit_log(logs[0])[0], logs)
+    lv = profile.info["level"]
+    logs_of = lv["log_levels"]
+    cells = lv["centre_log"]
+    for c in cells:
+        v = np.array([logs_of[r][c] for r in levels])
+        assert lv["centre_log"][c] == pytest.approx(v.mean(), abs=1e-6) and lv["runs_per_cell"][c] == 4
+    dev = [logs_of[r][c] - lv["centre_log"][c] for r in levels for c in cells]
+    assert lv["df"] == 3 * len(cells)
+    assert lv["sd_log"] == pytest.approx(math.sqrt(np.sum(np.square(dev)) / lv["df"]), abs=1e-5)
+    # the planted levels' own spread (log 1, 1.2, 0.9, 1.1): sd 0.127
+    assert lv["sd_log"] == pytest.approx(np.std(np.log(list(levels.values())), ddof=1), abs=0.01)
+
+
+def test_level_drawn_follows_its_predictive_distribution():
+    from simrec.serving_profile import level_drawn
+    prof = type("P", (), {"info": {"level": {"centre_log": {"x|0": 0.1}, "runs_per_cell": {"x|0": 4},
+                                              "sd_log": 0.2, "df": 9}}})()
+    rng = np.random.default_rng(3)
+    draws = np.log([level_drawn(prof, rng)["x|0"] for _ in range(20_000)])
+    sd = 0.2 * math.sqrt(1 + 1 / 4) * math.sqrt(9 / 7)                 # t_9 scaled
+    assert draws.mean() == pytest.approx(0.1, abs=4 * sd / math.sqrt(len(draws)))
+    assert draws.std() == pytest.approx(sd, rel=0.05)
+    assert level_drawn(type("P", (), {"info": {}})(), rng) is None       # no levels: no draw
+
+
+@pytest.mark.parametrize("bad", [{"centre_log": {"a|0": float("nan")}, "runs_per_cell": {"a|0": 2}, "sd_log": 0.1, "df": 1},
+                                 {"centre_log": {"a|0": 0.1}, "runs_per_cell": {"b|0": 2}, "sd_log": 0.1, "df": 1},
+                                 {"centre_log": {"a|0": 0.1}, "runs_per_cell": {"a|0": 2}, "sd_log": -1, "df": 1},
+                                 {"centre_log": [], "runs_per_cell": {}, "sd_log": None, "df": 0},
+                                 "level"])
+def test_a_malformed_level_is_one_line(bad, episodic, tmp_path):
+    import json
+    from simrec.errors import InputError
+    from simrec.fidelity import fit_log
+    from simrec.serving_profile import Profile
+    data = fit_log(load_log(episodic[0]))[0].to_json()
+    data["level"] = bad
+    with pytest.raises(InputError) as e:
+        Profile.from_json(json.loads(json.dumps(data)), "p.json")
+    assert str(e.value).startswith("p.json") and "between-run level" in str(e.value) and "\n" not in str(e.value)
