@@ -39,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simrec import operators as opg
+
 from . import arch_models
 from .arch_models import ArchSpec, build_arch_model
-from .gr_models import GRModel, GRSpec, Phases, build_model, self_check, suffix_mask
+from .gr_models import GRModel, GRSpec, Phases, build_model, self_check
 
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 TABLE_COLUMNS = ("phase", "condition", "history_len", "candidates", "quantile", "time_ms", "n_samples",
@@ -621,52 +623,34 @@ class Bench:
 
     # -- kernels
     def kernel_list(self) -> list[tuple[str, int, int, int]]:
-        """(kernel, dim_a, dim_b, dim_c) of the main kernels the phases are made of."""
+        """(kernel, dim_a, dim_b, dim_c): every operator of the model's phase graphs over the
+        grid, read from their one declaration (simrec.operators), then the cascade's own
+        kernels (pre-rank MLP and retrieval GEMMs, embedding gather, top-k)."""
         sp, cfg = self.spec, self.cfg
-        s, d = sp.short_term_tokens, sp.d_model
-        Ls, Ms = cfg.history_lens, cfg.candidates
-        if sp.arch == "transformer":
-            weights = [(3 * d, d), (d, d), (sp.ffn, d), (d, sp.ffn)]
-        else:
-            weights = [(4 * d, d), (d, d)]
-        tokens = set(Ls) | {s + M for M in Ms} | {L + s + M for L in Ls for M in Ms}
-        out = [("gemm", t, n, k) for t in sorted(tokens) for n, k in weights]
+        out = [(op.kind, *(int(v) for v in op.dims), *(0,) * (3 - len(op.dims)))
+               for L in cfg.history_lens for M in cfg.candidates for phase in opg.PHASES
+               for op in opg.ops(opg.graph(sp, phase, L, M))]
         dims = self.prerank_dims
-        out += [("gemm", M, dims[i + 1], dims[i]) for M in Ms for i in range(len(dims) - 1)]
+        out += [("gemm", M, dims[i + 1], dims[i]) for M in cfg.candidates for i in range(len(dims) - 1)]
         out += [("gemm", cfg.corpus_items, 1, cfg.retrieval_dim)]
-        out += [("attn_causal", L, L, d) for L in Ls]
-        out += [("attn_target", s + M, L + s + M, d) for L in Ls for M in Ms]
-        out += [("kv_concat", L, s + M, d) for L in Ls for M in Ms]
-        out += [("emb_gather", M, cfg.emb_dim, cfg.emb_rows) for M in Ms]
-        out += [("topk", cfg.corpus_items, M, 0) for M in Ms]
+        out += [("emb_gather", M, cfg.emb_dim, cfg.emb_rows) for M in cfg.candidates]
+        out += [("topk", cfg.corpus_items, M, 0) for M in cfg.candidates]
         return list(dict.fromkeys(out))
 
     def kernel_setup(self, kernel: str, a: int, b: int, c: int):
-        sp, esize = self.spec, self.dtype.itemsize
-        h, hd = sp.heads, sp.head_dim
-        blk = self.model.blocks[0]
-        if kernel == "gemm":
-            w = self.randn(b, c)
-            return F.linear, [(self.randn(a, c), w) for _ in range(self.n_sets(a * c * esize, 2, 16))]
-        if kernel == "attn_causal":
-            k = self.n_sets(3 * a * c * esize, 2, 8)
-            return blk.attend_causal, [tuple(self.randn(1, h, a, hd) for _ in range(3)) for _ in range(k)]
-        if kernel == "attn_target":
-            s = sp.short_term_tokens
-            mask = suffix_mask(b - a, s, a - s, self.dev)
-            k = self.n_sets(2 * b * c * esize, 2, 8)
-            return blk.attend_masked, [(self.randn(1, h, a, hd), self.randn(1, h, b, hd),
-                                        self.randn(1, h, b, hd), mask) for _ in range(k)]
-        if kernel == "kv_concat":
-            k = self.n_sets(a * c * esize, 2, 16)
-            return _cat_seq, [
-                (self.randn(1, h, a, hd), self.randn(1, h, b, hd)) for _ in range(k)]
+        """The graph's operators as calibration/kernel_grid.py times them (the layouts the
+        model issues); the cascade's gather and top-k here."""
+        from .kernel_grid import Kernels, Shape
         if kernel == "emb_gather":
             return partial(F.embedding, weight=self.emb_table), [
                 (torch.randint(0, self.cfg.emb_rows, (a,), device=self.dev),) for _ in range(32)]
         if kernel == "topk":
             return partial(torch.topk, k=b), [(self.randn(a),) for _ in range(4)]
-        raise ValueError(kernel)
+        sp = self.spec
+        kern = Kernels(self.dev, self.dtype, sp.short_term_tokens, self.cfg.rotate_bytes)
+        arch = sp.arch if kernel.startswith("attn") else ""
+        heads = sp.heads if kernel.startswith("attn") or kernel in opg.LAYOUT_KINDS else 0
+        return kern.setup(Shape(kernel, (a, b, c), arch, heads))
 
     def run_kernels(self):
         """Each kernel shape is timed on its own (back to back), after its own warm-up."""
