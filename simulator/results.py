@@ -549,8 +549,11 @@ def unknown_metric(name: str, known: list[str], source: str | None, what: str = 
 
 
 def cost_tables(scenario_data: dict) -> dict[str, dict]:
-    """The cost tables a scenario (as data) uses, per stage, with their content hashes."""
+    """The cost tables a scenario (as data) uses, per stage, with their content hashes. A
+    kernels service's entry is its kernel table (name, label, the kernels file's path and
+    sha256), every kernels file its lookups read and the phase tables its overhead is fitted on."""
     from simrec.calibration.table import load_table
+    from simrec.kernel_model import _kernels_present, load_kernels, load_kernels_manifest
     tables = {}
     for name, stage in scenario_data["stages"].items():
         service = stage["service"]
@@ -559,6 +562,20 @@ def cost_tables(scenario_data: dict) -> dict[str, dict]:
             tables[name] = {"table": t.manifest.name, "label": t.manifest.label, "sha256": t.sha256,
                             "phase": service.get("phase", "gr phases"),
                             "condition": service["condition"]}
+        elif service["kind"] == "kernels":
+            kernels, fitted = [], []
+            for ref in (service["table"], *service.get("overhead_from", [])):
+                if _kernels_present(ref):
+                    path = load_kernels(ref).path
+                    kernels.append({"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()})
+                if load_kernels_manifest(ref).get("table_file"):
+                    t = load_table(ref)
+                    fitted.append({"table": t.manifest.name, "sha256": t.sha256})
+            m = load_kernels_manifest(service["table"])
+            first = kernels[0] if kernels else {}
+            tables[name] = {"table": m.get("name"), "label": m.get("label"), "phase": "kernel model (gr phases)",
+                            "condition": "isolated", "path": first.get("path"), "sha256": first.get("sha256"),
+                            "kernels": kernels, "overhead_from": fitted}
     return tables
 
 

@@ -267,6 +267,22 @@ def test_kernel_grid_on_cpu_writes_a_table_the_model_reads_exactly(tmp_path):
     assert manifest["method"]["shapes"] == kt.n_shapes and manifest["method"]["shapes_left_out_by_deadline"] == 0
 
 
+def test_summary_records_a_kernels_services_kernel_and_phase_tables():
+    import hashlib
+
+    from simrec import load_scenario
+    from simrec.results import cost_tables
+    grid = "../calibration/kernel_grids/h200_kernel_grid"
+    sc = load_scenario("scenarios/relay.yaml", [SERVICE.replace("table: h200_gr_hstu", f"table: {grid}")[:-1]
+                                                + ", overhead_from: [h200_gr_transformer]}"])
+    got = cost_tables(sc.model_dump(mode="json"))["ranking"]
+    kpath = "calibration/kernel_grids/h200_kernel_grid/kernels.parquet"
+    want = hashlib.sha256(open(kpath, "rb").read()).hexdigest()
+    assert (got["table"], got["label"], got["sha256"]) == ("h200_kernel_grid", "measured", want)
+    assert got["path"].endswith(kpath) and len(got["kernels"]) == 2      # h200_gr_transformer's too
+    assert [t["table"] for t in got["overhead_from"]] == ["h200_gr_transformer"]
+
+
 def test_kernels_service_from_the_h200_grid_with_the_overhead_from_another_table():
     from simrec import load_scenario
     from simrec.service import build
