@@ -7,7 +7,9 @@ and brackets the ones between. Every distinct shape is timed on its own, back to
 after its own warm-up, with calibration/bench.py's clock and `measure_cells` (CUDA events
 or perf_counter_ns; the device synchronised after every call). Attention is timed through
 the real blocks of calibration/gr_models.py (SDPA for the transformer, HSTU's pointwise
-attention), so each row carries its ``arch`` and ``heads``.
+attention), and the copies in the memory layouts the model issues them in (a strided head
+view in the K/V cat and store, SDPA's output layout in full_forward's cat), so each row
+carries its ``arch`` and ``heads``.
 
 On a GPU every shape is also timed as one CUDA graph that runs the call once per input set
 (condition ``graph``: replays timed back to back, divided by the calls): the kernels' device
@@ -18,16 +20,16 @@ an eager phase issues its operators.
 
 Cells run cheapest first (by an estimate of their work), so a deadline cuts the largest
 shapes: after ``--soft-deadline-s`` every cell gets ``--min-samples`` calls; after
-``--deadline-s`` no new cell starts, and the manifest lists how many were left out. Run from
-the repository root::
+``--deadline-s`` no new cell starts, and the manifest lists how many were left out. The
+default grid (5646 shapes) took 173 s on one H200, none cut. Run from the repository root::
 
     python -m calibration.kernel_grid --device cuda --out /tmp/h200_kernel_grid
     python -m calibration.kernel_grid --device cpu --d-models 64 --heads 2 \\
         --history-lens 32,64 --candidates 8 --out /tmp/cpu_grid      # a tiny CPU run
 
 It writes ``kernels.parquet`` (bench.py's kernel columns plus ``arch`` and ``heads``; condition
-``isolated`` and, on a GPU, ``graph``) and
-``manifest.json`` (no phase table: use it beside a table that has one).
+``isolated`` and, on a GPU, ``graph`` and ``host``) and ``manifest.json`` (no phase table:
+use it beside a table that has one).
 """
 
 from __future__ import annotations
