@@ -195,9 +195,11 @@ def fidelity(
     sources: Optional[str] = typer.Option(None, help="comma-separated subset of: replay, table, profile"),
     bootstrap: int = typer.Option(1000, min=100, help="block-bootstrap resamples for measured intervals"),
     jobs: int = typer.Option(0, min=0, help="processes (0: one per core)"),
-    levels: bool = typer.Option(True, "--levels/--no-levels", help="with 3 or more logs, carry the "
-                                "between-run level of the logs other than the judged one into its "
-                                "profile (its prediction interval then spans run-to-run variation)"),
+    levels: bool = typer.Option(False, "--levels", help="with 3 or more logs, carry the between-run "
+                                "level of the logs other than the judged one into its profile (its "
+                                "prediction interval then spans run-to-run variation; on the "
+                                "testbed's mixed H200 logs it covered 84% of pairs, not 66%, at "
+                                "4.2x the measured interval's width, not 1.5x)"),
 ):
     """Compare simulated with measured ranking latency of serving logs (simrec's error).
 

@@ -438,7 +438,7 @@ def _is_pilot(log: ServingLog) -> bool:
 def run_fidelity(paths: list[Path], out: Path | None = None, fit_run: str | None = None,
                  cross: bool = False, replications: int = 10, sources: tuple[str, ...] = SOURCES,
                  n_boot: int = 1000, jobs: int = 1, progress: Callable[[int, int], None] | None = None,
-                 levels: bool = True) -> FidelityReport:
+                 levels: bool = False) -> FidelityReport:
     """Judge every (non-pilot) log with each source; the profile is fitted on `fit_run`
     (default: the longest log), and with `cross` on every log in turn. With `levels` and
     three or more logs, the profile judging a log carries the between-run level of all the

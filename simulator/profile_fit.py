@@ -309,21 +309,29 @@ def run_level(profile: Profile, ran: pd.DataFrame, medians, warmup_ms: float) ->
 
 
 def with_levels(profile: Profile, levels: dict[str, dict[str, float]]) -> Profile:
-    """The profile with the between-run level of several logs (run name -> `run_level`,
-    the fitted log's own among them, or not): per cell, the logs' mean log level (where a
-    new run is centred) and how many logs ran it; the between-run sd pooled over cells (each
-    cell's deviations from its own mean) with its degrees of freedom. `InServing` draws one
-    level a replication (serving_profile.level_drawn), so the prediction interval carries
-    the run-to-run variation and the centre the other runs' level."""
+    """The profile with the between-run level of several logs (run name -> `run_level`).
+
+    Runs are random draws of one level u_r ~ N(mu, sd^2) per run, seen in every cell of the
+    profile's own phases (all-phase cells, where a job's phase was never fitted, carry
+    phase error, not a run's level, and are left out). The profile embodies its own run's
+    level, so a new run differs from it by u_new - u_fit: centred on the fitted run (its
+    measured level in each cell, not the other logs' mean: logs of other policies or
+    machines are not exchangeable runs) with spread sd sqrt(2), sd pooled over cells from
+    each cell's deviations from its mean. `InServing` draws one level a replication
+    (serving_profile.level_drawn), so the prediction interval carries the run-to-run spread."""
+    own = levels.get(profile.info.get("fitted_from", {}).get("run"), {})
+    levels = {r: {c: x for c, x in lv.items() if not c.startswith(ALL + "|")} for r, lv in levels.items()}
     cells = sorted({c for lv in levels.values() for c in lv})
     centre, count, ss, df = {}, {}, 0.0, 0
     for c in cells:
         v = np.array([lv[c] for lv in levels.values() if c in lv])
-        centre[c], count[c] = round(float(v.mean()), 6), len(v)
+        centre[c], count[c] = round(float(own.get(c, v.mean())), 6), len(v)
         ss += float(np.sum((v - v.mean()) ** 2))
         df += len(v) - 1
+    sd = math.sqrt(ss / df) if df > 0 else None
     info = {**profile.info, "level": {
         "runs": sorted(levels), "centre_log": centre, "runs_per_cell": count,
-        "sd_log": round(math.sqrt(ss / df), 6) if df > 0 else None, "df": df,
+        "sd_log": None if sd is None else round(sd, 6), "df": df,
+        "spread_log": None if sd is None else round(sd * math.sqrt(2), 6),
         "log_levels": {r: {c: round(x, 6) for c, x in sorted(lv.items())} for r, lv in sorted(levels.items())}}}
     return Profile(profile.quantiles, profile.phases, profile.episodes, info)

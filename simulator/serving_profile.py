@@ -169,14 +169,14 @@ def _check_level(lv, source: str) -> None:
               and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
                       for k in lv["runs_per_cell"].values())
               and set(lv["runs_per_cell"]) == set(lv["centre_log"])
-              and (lv.get("sd_log") is None or real(lv["sd_log"]) and lv["sd_log"] >= 0)
+              and all(lv.get(k) is None or real(lv[k]) and lv[k] >= 0 for k in ("sd_log", "spread_log"))
               and (lv.get("df") is None or isinstance(lv["df"], int) and 0 <= lv["df"] < 10**6))
     except (KeyError, TypeError, AttributeError):
         ok = False
     if not ok:
         raise InputError("malformed between-run level: need centre_log and runs_per_cell (cell -> "
-                         "finite log level, cell -> count >= 1, the same cells), sd_log (null or "
-                         "0..10) and df (an integer)", source, "level")
+                         "finite log level, cell -> count >= 1, the same cells), sd_log and "
+                         "spread_log (null or 0..10) and df (an integer)", source, "level")
 
 
 def save(profile: Profile, path: Path) -> Path:
@@ -254,19 +254,15 @@ def episodes_drawn(profile: Profile, rng: np.random.Generator) -> sc.Interferenc
 
 def level_drawn(profile: Profile, rng: np.random.Generator) -> dict[str, float] | None:
     """One replication's between-run level (`profile_fit.with_levels`): per cell, the factor
-    on its jobs' time. A new run's log level in a cell is predicted as its centre over the
-    logs + sd sqrt(1 + 1/k) t, k the logs that ran the cell, sd the between-run spread
-    pooled over cells, and t one Student-t draw (pooled degrees of freedom) shared by every
-    cell: runs differ as a whole (the host's level). A cell no log ran: centre 0, k 1.
-    None without levels."""
+    on its jobs' time, exp(centre + spread t), t one Student-t draw (the pooled degrees of
+    freedom) shared by every cell: runs differ as a whole (the host's level). Cells without
+    a level (phases the profile was not fitted on) keep 1. None without levels."""
     lv = profile.info.get("level")
     if not lv:
         return None
-    centre, count, sd, df = lv["centre_log"], lv["runs_per_cell"], lv.get("sd_log"), lv.get("df") or 0
-    t = float(rng.standard_t(df)) if sd is not None and df > 0 else 0.0
-    spread = float(sd or 0.0)
-    return {"": math.exp(spread * math.sqrt(2.0) * t),
-            **{c: math.exp(float(m) + spread * math.sqrt(1 + 1 / count[c]) * t) for c, m in centre.items()}}
+    spread, df = lv.get("spread_log"), lv.get("df") or 0
+    t = float(rng.standard_t(df)) if spread is not None and df > 0 else 0.0
+    return {"": 1.0, **{c: math.exp(float(m) + float(spread or 0.0) * t) for c, m in lv["centre_log"].items()}}
 
 
 class InServing:

@@ -229,12 +229,14 @@ def test_with_levels_pools_the_between_run_spread(levelled_logs):
     lv = profile.info["level"]
     logs_of = lv["log_levels"]
     cells = lv["centre_log"]
+    assert all(c.startswith("full_forward|") for c in cells)     # the profile's own phase only
     for c in cells:
-        v = np.array([logs_of[r][c] for r in levels])
-        assert lv["centre_log"][c] == pytest.approx(v.mean(), abs=1e-6) and lv["runs_per_cell"][c] == 4
-    dev = [logs_of[r][c] - lv["centre_log"][c] for r in levels for c in cells]
+        # centred on the fitted run ("a"): the profile embodies its level
+        assert lv["centre_log"][c] == pytest.approx(logs_of["a"][c], abs=1e-6) and lv["runs_per_cell"][c] == 4
+    dev = [logs_of[r][c] - np.mean([logs_of[q][c] for q in levels]) for r in levels for c in cells]
     assert lv["df"] == 3 * len(cells)
     assert lv["sd_log"] == pytest.approx(math.sqrt(np.sum(np.square(dev)) / lv["df"]), abs=1e-5)
+    assert lv["spread_log"] == pytest.approx(lv["sd_log"] * math.sqrt(2), abs=1e-5)   # u_new - u_fit
     # the planted levels' own spread (log 1, 1.2, 0.9, 1.1): sd 0.127
     assert lv["sd_log"] == pytest.approx(np.std(np.log(list(levels.values())), ddof=1), abs=0.01)
 
@@ -242,10 +244,12 @@ def test_with_levels_pools_the_between_run_spread(levelled_logs):
 def test_level_drawn_follows_its_predictive_distribution():
     from simrec.serving_profile import level_drawn
     prof = type("P", (), {"info": {"level": {"centre_log": {"x|0": 0.1}, "runs_per_cell": {"x|0": 4},
-                                              "sd_log": 0.2, "df": 9}}})()
+                                              "sd_log": 0.2, "spread_log": 0.2 * math.sqrt(2), "df": 9}}})()
     rng = np.random.default_rng(3)
-    draws = np.log([level_drawn(prof, rng)["x|0"] for _ in range(20_000)])
-    sd = 0.2 * math.sqrt(1 + 1 / 4) * math.sqrt(9 / 7)                 # t_9 scaled
+    got = [level_drawn(prof, rng) for _ in range(20_000)]
+    assert all(g[""] == 1.0 for g in got)                              # cells without a level
+    draws = np.log([g["x|0"] for g in got])
+    sd = 0.2 * math.sqrt(2) * math.sqrt(9 / 7)                          # t_9 scaled
     assert draws.mean() == pytest.approx(0.1, abs=4 * sd / math.sqrt(len(draws)))
     assert draws.std() == pytest.approx(sd, rel=0.05)
     assert level_drawn(type("P", (), {"info": {}})(), rng) is None       # no levels: no draw
