@@ -272,6 +272,8 @@ def main(argv=None) -> int:
     p.add_argument("--history-lens", type=_ints, default=_ints("1024,2048,4096,8192,12288,16384,32768"))
     p.add_argument("--candidates", type=_ints, default=_ints("64,128,256,512,1024"))
     p.add_argument("--short-term", type=int, default=32)
+    p.add_argument("--kinds", default=None, help="comma-separated kernel kinds to keep (default: all), "
+                                                 "e.g. attn_causal for a dense L sweep of one kind")
     p.add_argument("--warmup", type=int, default=None, help="default 3 on cuda, 1 on cpu")
     p.add_argument("--target-s", type=float, default=0.01, help="timed seconds per shape")
     p.add_argument("--min-samples", type=int, default=5)
@@ -294,6 +296,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"--archs: known {', '.join(opg.ARCHS)} (got {a.archs!r})")
     torch.manual_seed(a.seed)
     shapes = grid_shapes(a.d_models, a.heads, a.history_lens, a.candidates, a.short_term, archs, dtype_name)
+    if a.kinds:
+        kinds = {k for k in a.kinds.split(",") if k}
+        shapes = [sh for sh in shapes if sh.kind in kinds]
     budget = Budget(warmup=a.warmup or (3 if cuda else 1), target_s=a.target_s, min_n=a.min_samples,
                     max_n=max(a.max_samples, a.min_samples), soft_deadline_s=a.soft_deadline_s, t0=started)
     print(f"kernel grid: {len(shapes)} shapes on {_device_info(device)['name']}", flush=True)
@@ -313,7 +318,7 @@ def main(argv=None) -> int:
         "model": {"arch": archs[0], "heads": a.heads[0], "dtype": dtype_name, "kernel_grid": True,
                   "short_term_tokens": a.short_term},
         "grid": {"d_model": a.d_models, "heads": a.heads, "history_len": a.history_lens,
-                 "candidates": a.candidates},
+                 "candidates": a.candidates, **({"kinds": sorted(kinds)} if a.kinds else {})},
         "method": {"kernels_file": kpath.name, "kernels_sha256": hashlib.sha256(kpath.read_bytes()).hexdigest(),
                    "timer": Clock(device).name, "warmup": budget.warmup, "min_samples": budget.min_n,
                    "max_samples": budget.max_n, "target_s_per_shape": a.target_s,
