@@ -298,3 +298,36 @@ def test_kernels_service_from_the_h200_grid_with_the_overhead_from_another_table
     with pytest.raises(InputError, match="none of the tables has a phase table to fit the per-launch overhead"):
         build(load_scenario("scenarios/relay.yaml", [SERVICE.replace("table: h200_gr_hstu", f"table: {grid}")])
               .stages["ranking"].service, np.random.default_rng(0), "stages.ranking.service", relay=True)
+
+
+def test_merge_rows_replaces_a_kinds_rows_and_records_it(tmp_path):
+    """calibration/kernel_grids/merge_rows.py: every row of the kind comes from the extra grid."""
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("merge_rows", root / "calibration/kernel_grids/merge_rows.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def grid(folder, rows, name, lens):
+        folder.mkdir()
+        pd.DataFrame(rows, columns=["kernel", "dim_a", "dim_b", "dim_c", "condition", "quantile",
+                                    "time_ms", "n_samples", "arch", "heads"]).to_parquet(folder / "kernels.parquet")
+        (folder / "manifest.json").write_text(json.dumps({
+            "name": name, "date": "2026-12-01", "grid": {"history_len": lens},
+            "method": {"kernels_sha256": "", "command": f"make {name}"}}))
+    grid(tmp_path / "base", [("gemm", 8, 8, 8, "graph", 0.5, 0.01, 5, "", 0),
+                             ("attn_causal", 64, 64, 32, "graph", 0.5, 0.02, 5, "hstu", 2)], "base", [64])
+    grid(tmp_path / "dense", [("attn_causal", 64, 64, 32, "graph", 0.5, 0.03, 5, "hstu", 2),
+                              ("attn_causal", 96, 96, 32, "graph", 0.5, 0.05, 5, "hstu", 2),
+                              ("gemm", 8, 8, 8, "graph", 0.5, 9.0, 5, "", 0)], "dense", [64, 96])
+    assert mod.merge(tmp_path / "base", tmp_path / "dense", ["attn_causal"]) == 3
+    got = pd.read_parquet(tmp_path / "base" / "kernels.parquet")
+    assert sorted(got[got.kernel == "attn_causal"].time_ms) == [0.03, 0.05]    # the dense grid's only
+    assert got[got.kernel == "gemm"].time_ms.tolist() == [0.01]                 # other kinds kept
+    m = json.loads((tmp_path / "base" / "manifest.json").read_text())
+    assert m["method"]["replaced_kinds"] == [{"kinds": ["attn_causal"], "from": "dense", "date": "2026-12-01",
+                                              "history_len": [64, 96], "rows": 2, "command": "make dense"}]
+    assert m["method"]["kernels_sha256"] == hashlib.sha256(
+        (tmp_path / "base" / "kernels.parquet").read_bytes()).hexdigest()
