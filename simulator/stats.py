@@ -117,12 +117,14 @@ def proportion_bounds(p: float, var: float, replications: int,
     (from `replications` independent replications): Clopper-Pearson at the effective
     sample size n = p(1-p)/var times (z/t)^2 for the replications' degrees of freedom.
     When the replications all agree (var 0) their spread says nothing about the design
-    effect, and the replications themselves are the unit (n = replications)."""
+    effect, and the replications themselves are the unit (n = replications, no t factor)."""
     from scipy import stats
     p = min(max(p, 0.0), 1.0)
     r = replications
-    n = min(p * (1 - p) / var, MAX_N) if var > 0 and 0 < p < 1 else float(r)
-    n *= (_z(level) / _t(level, r - 1)) ** 2
+    spread = var > 0 and 0 < p < 1
+    n = min(p * (1 - p) / var, MAX_N) if spread else float(r)
+    if spread:      # the t adjustment is for a variance estimated from r replications; with no
+        n *= (_z(level) / _t(level, r - 1)) ** 2     # spread there is none (3 agreeing gave n 0.6)
     x, a = p * n, (1 - level) / 2
     lo = 0.0 if x <= 0 else float(stats.beta.ppf(a, x, n - x + 1))
     hi = 1.0 if x >= n else float(stats.beta.ppf(1 - a, x + 1, n - x))

@@ -65,9 +65,11 @@ def test_tiny_slo_attainment_stays_inside_0_1():
 
 
 def test_all_replications_agree_on_a_proportion():
-    # No spread: the replications are the unit (Clopper-Pearson with n = 8), never [1, 1].
+    # No spread: the replications are the unit (Clopper-Pearson with n = 8, no t factor: it
+    # is for an estimated variance), never [1, 1]; 3 agreeing give [0.29, 1], not [0.003, 1].
     r = stats.interval([1.0] * 8, kind="proportion")
-    assert r["hi"] == 1 and r["lo"] == pytest.approx(0.025 ** (1 / 8 / (1.96 / 2.365) ** 2), rel=0.01)
+    assert r["hi"] == 1 and r["lo"] == pytest.approx(0.025 ** (1 / 8), rel=1e-6)
+    assert stats.interval([1.0] * 3, kind="proportion")["lo"] == pytest.approx(0.025 ** (1 / 3), rel=1e-6)
     r = stats.interval([0.0] * 8, kind="proportion")
     assert r["lo"] == 0 and 0 < r["hi"] < 1
 
