@@ -6,7 +6,11 @@ tokens and M candidates: GEMMs by (m, n, k), attention by its shape and mask kin
 stores and concatenations and the head merges (by the memory layout they copy, which decides
 the kernel PyTorch picks), and the element-wise and norm layers by element count. Each
 operator's kernel count is the one a torch.profiler trace of the real phases showed
-(calibration/kernel_grids/h200_phase_profile). The roofline
+(calibration/kernel_grids/h200_phase_profile). The target-attention archs of
+``calibration/arch_models.py`` (stca, vista, laser; `ARCH_PHASES`) are declared the same way,
+their phases by their own names, with attention kinds of their own where their kernel is not
+the GR suffix's (``attn_cross``, ``attn_single``, ``attn_segmented``) and launch counts read
+off the code, not yet profiled. The roofline
 (`simrec.roofline`) sums the graph's FLOPs, the kernel cost model (`simrec.kernel_model`)
 looks every operator up in a measured kernel table, and the kernel grid benchmark
 (`calibration/kernel_grid.py`) measures the shapes the graphs use: nobody writes a phase's
@@ -34,6 +38,21 @@ import numpy as np
 
 ARCHS = ("transformer", "hstu")
 PHASES = ("prefix_encode", "rank_cached", "full_forward")
+# The target-attention archs of calibration/arch_models.py and their own phases, the names and
+# dims of its REGISTRY (a test keeps them equal): each phase at the request's (L, M), a dim it
+# does not take set to 0 (vista_rank_summary is (0, M): k is the model's, not the request's).
+TARGET_ARCHS = ("stca", "vista", "laser")
+ARCH_PHASES = {
+    "stca": (("stca_history_encode", "L"), ("stca_target_attend", "LM"), ("stca_per_target", "LM"),
+             ("full_forward", "LM")),
+    "vista": (("vista_summarize", "L"), ("vista_rank_summary", "kM"), ("full_forward", "LM")),
+    "laser": (("laser_history_encode", "L"), ("laser_sta_rank", "LM"), ("full_forward", "LM")),
+}
+# Every attention kind a graph uses; the kernel grids measure attn_causal and attn_target.
+ATTENTION_KINDS = ("attn_causal", "attn_target", "attn_cross", "attn_single", "attn_segmented")
+# arch_models.ArchSpec.chunk_tokens's default and arch_models.QUERY_CHUNK_ELEMS (a test keeps them equal).
+STCA_CHUNK_TOKENS = 1 << 19
+LASER_QUERY_CHUNK_ELEMS = 1 << 27
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
 # Element-wise kinds (kernel names in a kernel table) and the bytes they move per element,
 # in elements: read + write (add and mul read two inputs).
@@ -148,18 +167,23 @@ def _layer(spec, t, b: int, attn: tuple[Op, ...], finish_rows=None, extra: tuple
                 eltwise("mul", r * d, b, "gate_u"), gemm(r, d, d, b, "f2"),
                 eltwise("add", r * d, b, "residual"))
     else:
-        raise ValueError(f"unknown arch {spec.arch!r} (operator graphs: {', '.join(ARCHS)})")
+        raise ValueError(f"unknown arch {spec.arch!r} (operator graphs: {', '.join(ARCHS + TARGET_ARCHS)})")
     return proj + extra + attn + (rest if attn else ())
 
 
 def graph(spec, phase: str, L, M) -> list[Block]:
-    """The operator graph of one request's phase at shape (L, M), as gr_models.GRModel runs it.
+    """The operator graph of one request's phase at shape (L, M), as gr_models.GRModel (or,
+    for the target-attention archs, arch_models) runs it.
 
     `spec`: anything with arch, layers, d_model, heads, ffn, short_term_tokens and dtype
-    (or dtype_bytes): a gr_models.GRSpec, a roofline.ModelShape, a scenario's model block.
+    (or dtype_bytes): a gr_models.GRSpec, a roofline.ModelShape, a scenario's model block;
+    for stca, vista and laser also summary_tokens, segment_len and chunk_tokens (an
+    arch_models.ArchSpec; the ArchSpec defaults where absent).
     """
+    if spec.arch in TARGET_ARCHS:
+        return _target_graph(spec, phase, L, M)
     if spec.arch not in ARCHS:
-        raise ValueError(f"unknown arch {spec.arch!r} (operator graphs: {', '.join(ARCHS)})")
+        raise ValueError(f"unknown arch {spec.arch!r} (operator graphs: {', '.join(ARCHS + TARGET_ARCHS)})")
     N, d, s, b, a = spec.layers, spec.d_model, spec.short_term_tokens, dtype_bytes(spec), spec.arch
     q, T = s + M, L + s + M
     causal = attn_causal(L, d, b, attn_launches(a, "causal", L, spec.heads))
@@ -182,14 +206,166 @@ def graph(spec, phase: str, L, M) -> list[Block]:
     raise ValueError(f"no operator graph for phase {phase!r} (have {', '.join(PHASES)})")
 
 
+# ------------------------------------------------------------ the target-attention archs
+#
+# calibration/arch_models.py's STCA, VISTA and LASER, layer by layer as their forward passes
+# issue kernels. Launch counts are read off the code (one per Linear, norm, activation, SDPA
+# call and materialising copy; views, chunks and head splits none), not profiled.
+
+def _max1(x):
+    return np.maximum(1, x) if isinstance(x, np.ndarray) else max(1, x)
+
+
+def _chunks(M, step, ops_of) -> list[Block]:
+    """A loop over M rows in chunks of `step` (the last one shorter): full chunks as one
+    repeated block, the rest as a block run once or not at all (dims may be arrays)."""
+    rem = M % step
+    return [Block(ops_of(step), M // step), Block(ops_of(rem), 1 * (rem > 0))]
+
+
+def attn_cross(q, keys, d: int, b: int, name: str = "attn_cross") -> Op:
+    """Unmasked SDPA of q queries over one shared set of `keys` keys (STCA's candidates over
+    the history K/V, VISTA's summary or candidate queries): one kernel."""
+    return Op("attn_cross", (q, keys, d), 4 * q * keys * d, (2 * q + 2 * keys) * d * b, 1, name)
+
+
+def attn_single(q, keys, d: int, b: int, name: str = "attn_single") -> Op:
+    """q one-query SDPAs batched, each over its own `keys` keys (STCA without RLB, each target
+    over its copy of the history; LASER's GSTA over each target's segment summaries)."""
+    return Op("attn_single", (q, keys, d), 4 * q * keys * d, (2 * q + 2 * q * keys) * d * b, 1, name)
+
+
+def attn_segmented(q, L, d: int, heads: int, seg: int, b: int) -> Op:
+    """LASER's segmented target attention (LASERModel._segments) for q targets over L history
+    tokens padded to P = S x seg: QK^T over all P keys, softmax and logsumexp per segment, the
+    sigmoid gate, then the per-segment AV; dims (q, P, d). Eager it materialises the [h, q, P]
+    score block (written, scaled, softmaxed, copied for the AV matmul: ~5 passes) and the
+    [q, S, d] summaries (written, gated). Launches: 17 (QK^T, scale, logsumexp's 9, softmax,
+    the gate's subtract and sigmoid, the transposing copy, AV, gate multiply), 8 more when the
+    last segment is padded (K and V padded, 2 each; the mask's arange, compare, not, fill)."""
+    S = -(-L // seg)
+    P = S * seg
+    nbytes = ((q + 2 * P) * d + 5 * heads * q * P + 3 * q * S * d) * b
+    return Op("attn_segmented", (q, P, d), 4 * q * P * d, nbytes, 17 + 8 * (P != L), "sta")
+
+
+def swiglu(t, d: int, f: int, b: int) -> tuple[Op, ...]:
+    """arch_models.SwiGLU on t tokens: down(silu(gate(x)) * up(x))."""
+    return (gemm(t, f, d, b, "ffn_gate"), gemm(t, f, d, b, "ffn_up"), eltwise("silu", t * f, b, "ffn_silu"),
+            eltwise("mul", t * f, b, "ffn_mul"), gemm(t, d, f, b, "ffn_down"))
+
+
+def _score(M, d: int, b: int, residual: bool) -> tuple[Op, ...]:
+    """head(final_norm(x)) (STCA adds q1 to the last layer's output first)."""
+    return ((eltwise("add", M * d, b, "residual_q1"),) if residual else ()) + (
+        eltwise("layer_norm", M * d, b, "final_norm"), gemm(M, 1, d, b, "score_head"))
+
+
+def _stca_history(t, d: int, f: int, b: int) -> tuple[Op, ...]:
+    """STCALayer.history on t tokens: K and V of one layer (split into heads: views)."""
+    return swiglu(t, d, f, b) + (eltwise("layer_norm", t * d, b, "hist_norm"), gemm(t, 2 * d, d, b, "kv"))
+
+
+def _stca_queries(M, d: int, f: int, b: int) -> tuple[Op, ...]:
+    return swiglu(M, d, f, b) + (eltwise("layer_norm", M * d, b, "target_norm"),)
+
+
+def _stca_attend(M, L, d: int, b: int, fuse: bool, own_keys: bool) -> tuple[Op, ...]:
+    """STCALayer.attend (and next_query unless the last layer): M queries over L keys, shared
+    (RLB) or each its own copy (no RLB)."""
+    attn = attn_single(M, L, d, b) if own_keys else attn_cross(M, L, d, b)
+    ops = (gemm(M, d, d, b, "q"), attn, gemm(M, d, d, b, "out"))
+    return ops + ((eltwise("copy", 2 * M * d, b, "fuse_cat"), gemm(M, d, 2 * d, b, "fuse"),
+                   eltwise("layer_norm", M * d, b, "fuse_norm")) if fuse else ())
+
+
+def _stca_per_target_chunk(spec, c, L, b: int) -> tuple[Op, ...]:
+    """One chunk of c targets of STCAModel.per_target: c copies of the history (expand +
+    reshape: a copy), the queries, every layer's K/V of the copies, then the stack."""
+    N, d, f = spec.layers, spec.d_model, spec.ffn
+    return ((eltwise("copy", c * L * d, b, "history_copies"),) + _stca_queries(c, d, f, b)
+            + _stca_history(c * L, d, f, b) * N + _stca_attend(c, L, d, b, True, True) * (N - 1)
+            + _stca_attend(c, L, d, b, False, True) + _score(c, d, b, True))
+
+
+def _cross_block(x, mem, d: int, f: int, b: int) -> tuple[Op, ...]:
+    """VISTA's CrossBlock: memory(mem) -> K, V; then x's attention and SwiGLU, both residual."""
+    return ((eltwise("layer_norm", mem * d, b, "norm_mem"), gemm(mem, 2 * d, d, b, "kv"),
+             eltwise("layer_norm", x * d, b, "norm_q"), gemm(x, d, d, b, "q"), attn_cross(x, mem, d, b),
+             gemm(x, d, d, b, "out"), eltwise("add", x * d, b, "residual1"),
+             eltwise("layer_norm", x * d, b, "norm_ff")) + swiglu(x, d, f, b)
+            + (eltwise("add", x * d, b, "residual2"),))
+
+
+def _gsta_layer(M, S, d: int, f: int, b: int) -> tuple[Op, ...]:
+    """LASER's GSTALayer: each target's one query over its S segment summaries, then SwiGLU."""
+    return ((eltwise("layer_norm", M * d, b, "norm_q"), gemm(M, d, d, b, "q"), attn_single(M, S, d, b),
+             gemm(M, d, d, b, "out"), eltwise("add", M * d, b, "residual1"),
+             eltwise("layer_norm", M * d, b, "norm_ff")) + swiglu(M, d, f, b)
+            + (eltwise("add", M * d, b, "residual2"),))
+
+
+def _laser_sta_rank(spec, L, M, b: int) -> list[Block]:
+    """LASERModel.sta_rank: target SwiGLU and query, STA in query chunks (QUERY_CHUNK_ELEMS
+    scores per chunk), the summaries normalised and permuted to [M, h, S, hd] (a copy), N GSTA
+    layers, the head."""
+    N, d, f, h = spec.layers, spec.d_model, spec.ffn, spec.heads
+    seg = getattr(spec, "segment_len", 128)
+    S = -(-L // seg)
+    step = _max1(LASER_QUERY_CHUNK_ELEMS // _max1(h * L))
+    first = swiglu(M, d, f, b) + (eltwise("layer_norm", M * d, b, "target_norm"), gemm(M, d, d, b, "q"))
+    return ([Block(first)] + _chunks(M, step, lambda c: (attn_segmented(c, L, d, h, seg, b),))
+            + [Block((eltwise("copy", M * S * d, b, "cat_chunks"),), 1 * (-(-M // step) > 1)),
+               Block((eltwise("layer_norm", M * S * d, b, "seg_norm"), eltwise("copy", M * S * d, b, "seg_permute"))),
+               Block(_gsta_layer(M, S, d, f, b), N), Block(_score(M, d, b, False))])
+
+
+def _target_graph(spec, phase: str, L, M) -> list[Block]:
+    N, d, f, b = spec.layers, spec.d_model, spec.ffn, dtype_bytes(spec)
+    if phase not in dict(ARCH_PHASES[spec.arch]):
+        raise ValueError(f"no operator graph for phase {phase!r} of {spec.arch} "
+                         f"(have {', '.join(p for p, _ in ARCH_PHASES[spec.arch])})")
+    if spec.arch == "stca":
+        queries = Block(_stca_queries(M, d, f, b))
+        score = Block(_score(M, d, b, True))
+        if phase == "stca_history_encode":     # each layer's K and V copied into the cache tensor
+            store = (head_op("kv_store", L, d, b, "k_store"), head_op("kv_store", L, d, b, "v_store"))
+            return [Block(_stca_history(L, d, f, b) + store, N)]
+        if phase == "stca_target_attend":
+            return [queries, Block(_stca_attend(M, L, d, b, True, False), N - 1),
+                    Block(_stca_attend(M, L, d, b, False, False)), score]
+        if phase == "full_forward":           # each layer's K/V made just before its attention
+            hist = _stca_history(L, d, f, b)
+            return [queries, Block(hist + _stca_attend(M, L, d, b, True, False), N - 1),
+                    Block(hist + _stca_attend(M, L, d, b, False, False)), score]
+        step = _max1(getattr(spec, "chunk_tokens", STCA_CHUNK_TOKENS) // _max1(L))
+        return (_chunks(M, step, lambda c: _stca_per_target_chunk(spec, c, L, b))
+                + [Block((eltwise("copy", M, b, "cat_scores"),), 1 * (-(-M // step) > 1))])
+    if spec.arch == "vista":
+        k = getattr(spec, "summary_tokens", 128)
+        summarize = [Block(_cross_block(k, L, d, f, b), N),
+                     Block((eltwise("layer_norm", k * d, b, "summary_norm"),))]
+        rank = [Block(_cross_block(M, k, d, f, b), N), Block(_score(M, d, b, False))]
+        return {"vista_summarize": summarize, "vista_rank_summary": rank,
+                "full_forward": summarize + rank}[phase]
+    kv = (eltwise("layer_norm", L * d, b, "hist_norm"), gemm(L, 2 * d, d, b, "kv"))
+    if phase == "laser_history_encode":       # torch.stack of the strided K and V head views
+        return [Block(kv + (kv_concat(L, L, d, b, "kv_stack"),))]
+    if phase == "laser_sta_rank":
+        return _laser_sta_rank(spec, L, M, b)
+    return [Block(kv)] + _laser_sta_rank(spec, L, M, b)
+
+
 def ops(blocks: list[Block]) -> list[Op]:
     """The graph's operators in issue order, each repeat written out."""
     return [op for blk in blocks for _ in range(blk.repeat) for op in blk.ops]
 
 
-def total(blocks: list[Block], field: str = "flops"):
-    """Sum of an operator field (flops, bytes or launches) over the graph."""
-    return sum(blk.repeat * sum(getattr(op, field) for op in blk.ops) for blk in blocks)
+def total(blocks: list[Block], field: str = "flops", exclude: tuple[str, ...] = ()):
+    """Sum of an operator field (flops, bytes or launches) over the graph, leaving out the
+    operators named in `exclude`."""
+    return sum(blk.repeat * sum(getattr(op, field) for op in blk.ops if op.name not in exclude)
+               for blk in blocks)
 
 
 def flops(spec, phase: str, L, M):

@@ -22,28 +22,14 @@ FLOPs (per DESIGN.md, 2 FLOPs per multiply-add; N layers, d width, s short-term 
   no FFN). ``full_forward = prefix_encode + rank_cached``: DESIGN's full pass with
   m -> M + s, less the last layer's history rows past their projection. (DESIGN's
   ``12 (n+m) d^2`` counts multiply-adds at ffn = 4d; in FLOPs that is 24 d^2.)
-- stca, vista, laser: the models of ``calibration/arch_models.py``, counted GEMM by GEMM
-  (f = ffn, the SwiGLU width: ``6 d f`` FLOPs per token; h heads; k summary tokens;
-  S = ceil(L / segment_len) segments). Their own phases (`ARCH_PHASES`):
-
-  - ``stca_history_encode = N L (6 d f + 4 d^2)`` (per layer a SwiGLU + the K/V projection of
-    every history token: the user side, once per request with RLB);
-  - ``stca_target_attend = M [6 d f + N (4 d^2 + 4 L d) + (N-1) 4 d^2]`` (the target's SwiGLU;
-    per layer Q and output projections and single-query attention over L; the query fusion);
-  - ``stca_per_target = M x stca_history_encode + stca_target_attend`` (no RLB);
-  - ``vista_summarize = N [4 L d^2 + 4 k L d + 4 k d^2 + 6 k d f]``;
-  - ``vista_rank_summary = N [4 k d^2 + 4 M d^2 + 4 M k d + 6 M d f]`` (flat in L);
-  - ``laser_history_encode = 4 L d^2``;
-  - ``laser_sta_rank = M [6 d f + 2 d^2 + 4 P d] + N M [4 d^2 + 4 S d + 6 d f]`` with
-    P = S x segment_len (the target SwiGLU and query, segmented attention over the history
-    padded to whole segments, then N light GSTA layers over S segments);
-  - ``full_forward`` = encode + rank of each (stca: with RLB).
-
-  The legacy names map onto them (prefix_encode = the user-side phase, rank_cached = the
-  candidate phase): stca = history_encode / target_attend, vista = summarize / rank_summary,
-  laser = history_encode / sta_rank. (DESIGN's STCA formula, ``N [12 L d^2 + M (4 L d h +
-  20 d^2)]``, is this at f = 4d/3 with attention counted per head at full width: one query
-  over L keys of width d costs 4 L d FLOPs whatever the head count.)
+- stca, vista, laser: the sum over their operator graphs too (`simrec.operators`, declared
+  from calibration/arch_models.py), by their own phases (`ARCH_PHASES`), less the d -> 1
+  score head (``2 M d``; these archs' FLOPs were fitted without it). The legacy names map
+  onto them (prefix_encode = the user-side phase, rank_cached = the candidate phase): stca =
+  history_encode / target_attend, vista = summarize / rank_summary, laser = history_encode /
+  sta_rank. (DESIGN's STCA formula, ``N [12 L d^2 + M (4 L d h + 20 d^2)]``, is the graph's
+  at f = 4d/3 with attention counted per head at full width: one query over L keys of width
+  d costs 4 L d FLOPs whatever the head count.)
 
 Bytes: the weights once per call (``N (4 d^2 + 2 d ffn) b``; HSTU ``N 5 d^2 b``) plus K/V at
 ``N 2 d b`` per token: the K/V of every token a phase computes is written once and every
@@ -70,16 +56,9 @@ from . import operators
 from .errors import InputError
 
 PHASES = ("prefix_encode", "rank_cached", "full_forward", "prefix_reload")
-# The measured phases of the target-attention archs (calibration/arch_models.REGISTRY, the
-# same names; a test keeps them equal), and what one ranking request costs on each serving
-# path: phase names in order, each at the request's (L, M) with a dim the phase does not take
-# set to 0 (vista_rank_summary is (0, M): k is the model's, not the request's).
-ARCH_PHASES = {
-    "stca": (("stca_history_encode", "L"), ("stca_target_attend", "LM"), ("stca_per_target", "LM"),
-             ("full_forward", "LM")),
-    "vista": (("vista_summarize", "L"), ("vista_rank_summary", "kM"), ("full_forward", "LM")),
-    "laser": (("laser_history_encode", "L"), ("laser_sta_rank", "LM"), ("full_forward", "LM")),
-}
+# The measured phases of the target-attention archs and the dims each takes, declared with
+# their operator graphs; and what one ranking request costs on each serving path.
+ARCH_PHASES = operators.ARCH_PHASES
 SERVING_PATHS = {
     "stca": {"rlb": ("stca_history_encode", "stca_target_attend"), "per_target": ("stca_per_target",)},
     "vista": {"hit": ("vista_rank_summary",), "miss": ("vista_summarize", "vista_rank_summary")},
@@ -148,9 +127,12 @@ class ModelShape:
         return self.summary_tokens + 0 * L if self.arch == "vista" else L
 
     def flops(self, phase: str, L, M):
+        """The phase's operator graph summed (`simrec.operators`, the one declaration),
+        broadcast over L (vista_rank_summary does not depend on it)."""
         if self.arch in ARCH_PHASES:
-            return _arch_flops(self, LEGACY[self.arch].get(phase, phase), L, M)
-        if self.arch in operators.ARCHS:     # the one declaration of their operator graphs
+            g = operators.graph(self, LEGACY[self.arch].get(phase, phase), L, M)
+            return operators.total(g, "flops", exclude=("score_head",)) + 0 * L
+        if self.arch in operators.ARCHS:
             return operators.flops(self, phase, L, M)
         raise ValueError(f"unknown arch {self.arch!r}")
 
@@ -169,31 +151,6 @@ class ModelShape:
 
 def _segments(m: ModelShape, L):
     return -(-np.asarray(L) // m.segment_len) if isinstance(L, np.ndarray) else -(-L // m.segment_len)
-
-
-def _arch_flops(m: ModelShape, phase: str, L, M):
-    """FLOPs of a target-attention arch's phase (module docstring; GEMMs and attention only)."""
-    N, d, f, k = m.layers, m.d_model, m.ffn, m.summary_tokens
-    if m.arch == "stca":
-        enc = N * L * (6 * d * f + 4 * d * d)
-        att = M * (6 * d * f + N * (4 * d * d + 4 * L * d) + (N - 1) * 4 * d * d)
-        out = {"stca_history_encode": enc, "stca_target_attend": att,
-               "stca_per_target": M * enc + att, "full_forward": enc + att}
-    elif m.arch == "vista":
-        summ = N * (4 * L * d * d + 4 * k * L * d + 4 * k * d * d + 6 * k * d * f)
-        rank = N * (4 * k * d * d + 4 * M * d * d + 4 * M * k * d + 6 * M * d * f) + 0 * L
-        out = {"vista_summarize": summ, "vista_rank_summary": rank, "full_forward": summ + rank}
-    elif m.arch == "laser":
-        S = _segments(m, L)
-        enc = 4 * L * d * d
-        P = S * m.segment_len                   # the history padded to whole segments
-        sta = M * (6 * d * f + 2 * d * d + 4 * P * d) + N * M * (4 * d * d + 4 * S * d + 6 * d * f)
-        out = {"laser_history_encode": enc, "laser_sta_rank": sta, "full_forward": enc + sta}
-    else:
-        raise ValueError(f"unknown arch {m.arch!r}")
-    if phase not in out:
-        raise ValueError(f"arch {m.arch} has no phase {phase!r} (has {', '.join(out)})")
-    return out[phase]
 
 
 def _arch_bytes(m: ModelShape, phase: str, L, M):
