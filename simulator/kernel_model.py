@@ -16,7 +16,9 @@ serving, with every operator's device time looked up in a measured kernel table
   a, b, c >= 0, fitted by least squares on relative error (the log error to first order).
   Which of the two a family uses is chosen by their leave-one-out errors on its own rows.
   Element-wise, norm and copy operators whose family the table did not measure use the
-  regressor of the memory-bound family (the element-wise rows), or else of kv_concat.
+  regressor of the memory-bound family (the element-wise rows), or else of kv_concat. An
+  attention kind no table measured (the target-attention archs' attn_cross, attn_single
+  and attn_segmented: nobody has timed them yet) is a one-line error naming its family.
 - **eager pipeline**: the host issues the operators one after another; the device runs
   operator i once it is issued and the previous one is done, for its device time (the graph
   time, or the isolated time less ``e``: an isolated timing includes its own launch, which a
@@ -49,7 +51,7 @@ from . import operators as opg
 from .errors import InputError
 
 KERNEL_COLUMNS = ("kernel", "dim_a", "dim_b", "dim_c", "condition", "quantile", "time_ms", "n_samples")
-ATTENTION = ("attn_causal", "attn_target")
+ATTENTION = ("attn_causal", "attn_target")      # the attention kinds a kernel table may hold
 KERNELS = ("gemm", *ATTENTION, *opg.LAYOUT_KINDS, *opg.ELTWISE_PASSES, "emb_gather", "topk")
 MEMORY = tuple(opg.ELTWISE_PASSES)      # the memory-bound family
 TIMINGS = ("graph", "isolated", "host")   # kernel-table conditions a lookup uses
@@ -220,11 +222,11 @@ def _family(kind: str, arch: str, head_dim: int = 0) -> str:
         return "memory"
     if kind == "attn_concat":
         return f"{kind}:{arch}"
-    return f"{kind}:{arch}:hd{head_dim}" if kind in ATTENTION else kind
+    return f"{kind}:{arch}:hd{head_dim}" if kind in opg.ATTENTION_KINDS else kind
 
 
 def _head_dim(kind: str, dims, heads: int) -> int:
-    return int(dims[2]) // max(int(heads), 1) if kind in ATTENTION else 0
+    return int(dims[2]) // max(int(heads), 1) if kind in opg.ATTENTION_KINDS else 0
 
 
 @dataclass
@@ -365,12 +367,12 @@ class KernelCosts:
                 got = (math.exp(y), "interpolated")
             else:
                 reg, how = self.regressors.get(fam), "regressor"
-                if reg is None and kind in ATTENTION:
+                if reg is None and kind in opg.ATTENTION_KINDS:
                     near = sorted((abs(int(f.rsplit("hd", 1)[1]) - _head_dim(kind, dims, heads)), f)
                                   for f in self.regressors if f.startswith(f"{kind}:{arch}:hd"))
                     if near:
                         reg, how = self.regressors[near[0][1]], "other head layout"
-                if reg is None and kind not in ATTENTION and kind != "gemm":
+                if reg is None and kind not in opg.ATTENTION_KINDS and kind != "gemm":
                     near = [f for f in ("memory", "kv_concat") if f in self.regressors]
                     if near:        # bench.py's tables time no element-wise kernels, only the K/V cat
                         reg, how = self.regressors[near[0]], f"{near[0]} regressor"
@@ -495,12 +497,16 @@ class ModelSpec:
     ffn: int
     dtype: str
     short_term_tokens: int
+    summary_tokens: int = 128                     # the target-attention archs' (ArchSpec's defaults)
+    segment_len: int = 128
+    chunk_tokens: int = opg.STCA_CHUNK_TOKENS
 
     @classmethod
     def from_dict(cls, m: dict) -> ModelSpec:
         return cls(str(m["arch"]), int(m["layers"]), int(m["d_model"]), int(m["heads"]),
                    int(m.get("ffn") or 4 * int(m["d_model"])), str(m.get("dtype", "bfloat16")),
-                   int(m.get("short_term_tokens", 0)))
+                   int(m.get("short_term_tokens", 0)), int(m.get("summary_tokens", 128)),
+                   int(m.get("segment_len", 128)), int(m.get("chunk_tokens", opg.STCA_CHUNK_TOKENS)))
 
     @property
     def dtype_bytes(self) -> int:

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simrec.cli import app
+from simrec import operators as opg
 from simrec.errors import InputError
 from simrec.kernel_model import (KERNEL_COLUMNS, Costed, KernelCosts, ModelSpec, Overhead,
                                  cost_graph, fit_overhead, load_kernels)
@@ -69,6 +70,31 @@ def test_a_family_nobody_measured_is_a_one_line_error(tmp_path):
         cost_graph(costs, ModelSpec.from_dict(MODEL), "rank_cached", 64, 8)
     assert str(e.value) == (f"{tmp_path / 'k' / 'kernels.parquet'}: the kernel tables have no memory "
                             "kernels to cost copy [768, 0, 0] (have: gemm)")
+
+
+@pytest.mark.parametrize("arch, phase, family, op", [
+    ("stca", "stca_target_attend", "attn_cross:stca:hd64", "attn_cross [256, 4096, 1024]"),
+    ("stca", "stca_per_target", "attn_single:stca:hd64", "attn_single [128, 4096, 1024]"),
+    ("vista", "vista_rank_summary", "attn_cross:vista:hd64", "attn_cross [256, 128, 1024]"),
+    ("laser", "laser_sta_rank", "attn_segmented:laser:hd64", "attn_segmented [256, 4096, 1024]"),
+])
+def test_target_arch_graphs_cost_measured_kinds_and_name_an_unmeasured_attention(arch, phase, family, op):
+    """A target-attention arch's graph looks its GEMMs and copies up in a GR kernel table as any
+    graph's; its own attention kinds, which no table measured, are the one-line error naming
+    the family (never the memory regressor's guess)."""
+    kt = load_kernels(HSTU)
+    costs = KernelCosts([kt])
+    spec = ModelSpec.from_dict({"arch": arch, "layers": 4, "d_model": 1024, "heads": 16, "ffn": 2048,
+                                "dtype": "bfloat16", "summary_tokens": 128, "segment_len": 128})
+    user_side = {"stca": "stca_history_encode", "vista": None, "laser": "laser_history_encode"}[arch]
+    if user_side:                  # GEMMs, norms, K/V copies: all costable from the HSTU table
+        c = cost_graph(costs, spec, user_side, 4096, 0)
+        assert c.device_ms.min() > 0 and len(c.how) == len(opg.ops(opg.graph(spec, user_side, 4096, 0)))
+    with pytest.raises(InputError) as e:
+        cost_graph(costs, spec, phase, 4096, 256)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{kt.path}: the kernel tables have no {family} kernels to cost {op} (have: ")
 
 
 # ------------------------------------------------------------------ bad tables
