@@ -66,8 +66,10 @@ LAYOUT_KINDS = ("kv_concat", "attn_concat", "kv_store", "head_copy")
 class Op:
     """One operator of a phase. ``dims`` by kind: gemm (m, n, k), i.e. [m, k] x [k, n];
     attn_causal (L, L, d); attn_target (queries, keys, d) under the suffix mask of
-    gr_models.suffix_mask; kv_concat and attn_concat (a, b, d): [h, a, hd] ++ [h, b, hd] along
-    the sequence; kv_store and head_copy (tokens, d); an element-wise kind (elements,).
+    gr_models.suffix_mask; attn_cross, attn_single (queries, keys, d) and attn_segmented
+    (queries, padded keys, d), unmasked; kv_concat and attn_concat (a, b, d): [h, a, hd] ++
+    [h, b, hd] along the sequence; kv_store and head_copy (tokens, d); an element-wise kind
+    (elements,).
     ``launches`` is how many kernels eager PyTorch issues for it (the host's share of its cost)."""
 
     kind: str
