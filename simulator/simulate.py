@@ -90,8 +90,9 @@ def _simulate(scenario: Scenario, progress, adjust, engine, executor="serial", w
 
 class _Ahead:
     """Replications computed on an executor, a wave at a time, handed out by index: the
-    first wave is the planned ones (or a replication per worker, if more, when the stopping
-    rule may want them), each later one a replication per worker."""
+    first wave is the planned ones (with the stopping rule, at least the
+    MIN_RULE_REPLICATIONS it always runs, or a replication per worker if more), each later
+    one a replication per worker."""
 
     def __init__(self, scenario: Scenario, engine, executor: str, workers, progress):
         import os
@@ -99,13 +100,15 @@ class _Ahead:
         self.engine, self.executor, self.progress = engine, executor, progress
         self.workers = workers or os.cpu_count() or 1
         run = scenario.run
-        self.cap = run.max_replications if run.p99_halfwidth_rel is not None else run.replications
+        rule = run.p99_halfwidth_rel is not None
+        self.cap = run.max_replications if rule else run.replications
+        self.floor = min(self.cap, MIN_RULE_REPLICATIONS) if rule else 0
         self.done: dict[int, tuple] = {}
 
     def get(self, index: int, planned: int) -> tuple:
         if index not in self.done:
             from .executors import execute
-            wave = list(range(index, min(self.cap, max(planned, index + self.workers))))
+            wave = list(range(index, min(self.cap, max(planned, index + self.workers, self.floor))))
             items = {i: (self.data, i, self.engine) for i in wave}
 
             def finish(i, result):
