@@ -29,27 +29,27 @@ from typing import Callable
 
 from .errors import InputError
 
-# What simrec writes into its output folders (results, sweep, capacity, fidelity, serving log, compare).
+# What simrec writes into its output folders (results, sweep, capacity, fidelity, compare).
+# A serving log (run.yaml, jobs.parquet) is not among them: it is measured data, which only
+# serving_log.write_log may replace (a run or fidelity report at its path deleted it).
 WRITES = frozenset({"summary.json", "requests.parquet", "timeseries.parquet", "report.html", "plots",
                     "sweep.json", "points.parquet", "capacity.json", "fidelity.csv",
                     "fidelity_detail.csv", "fidelity.md", "fidelity.json", "fidelity.png", "profiles",
-                    "jobs.parquet", "run.yaml", "compare.csv"})
+                    "compare.csv"})
 MAIN_FILES = ("summary.json", "sweep.json", "capacity.json", "fidelity.json", "compare.csv")
 SUBFOLDERS = {"plots": ".png", "profiles": ".json"}
 _LEFT = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[a-z0-9_]{8}$")
 
 
 def is_simrec_folder(path: Path) -> bool:
-    """An empty folder, or one holding only what simrec writes, with one of its main files
-    (or a serving log's two). Anything else in it makes it the user's folder."""
+    """An empty folder, or one holding only what simrec writes, with one of its main files.
+    Anything else in it makes it the user's folder."""
     try:
         names = set(os.listdir(path))
         if not names:
             return True
         if not names <= WRITES:
             return False
-        if names == {"run.yaml", "jobs.parquet"}:
-            return True
         if not any(n in names for n in MAIN_FILES):
             return False
         return all(e.endswith(suffix) for sub, suffix in SUBFOLDERS.items() if sub in names
@@ -91,6 +91,11 @@ def check_target(out: Path, replaces: Callable[[Path], bool] = is_simrec_folder)
         if os.path.lexists(parent) and not parent.is_dir():
             raise InputError(f"cannot create the folder: {parent} is not a folder", shown)
         if parent.is_dir():
+            # Inside an earlier results folder, the new folder would make it a folder of the
+            # user's (never replaced again), and change what `compare` or `report` read there.
+            if os.listdir(parent) and is_simrec_folder(parent):
+                raise InputError(f"is inside the results folder {parent}: refusing to write into "
+                                 f"it; choose a folder outside it", shown)
             break
 
 

@@ -166,11 +166,21 @@ def write_log(folder: str | Path, jobs: pd.DataFrame, run: dict) -> Path:
     except yaml.YAMLError as e:
         raise InputError(f"cannot write as YAML (plain str/int/float/bool/list/dict only): "
                          f"{str(e).splitlines()[0]}", str(folder / RUN_FILE)) from None
-    with atomic_folder(folder) as tmp:
+    with atomic_folder(folder, replaces=_is_log_folder) as tmp:
         os.chmod(tmp, 0o777 & ~_umask())          # mkdtemp makes it 0700
         write_jobs_parquet(frame, tmp / "jobs.parquet")
         (tmp / RUN_FILE).write_text(text, encoding="utf-8")
     return folder
+
+
+def _is_log_folder(path: Path) -> bool:
+    """What write_log may replace: an empty folder, or a serving log and nothing else (no
+    other simrec writer may: folders.is_simrec_folder leaves logs out)."""
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return False
+    return not names or (RUN_FILE in names and names <= {RUN_FILE, *JOBS_FILES})
 
 
 def _umask() -> int:
