@@ -269,13 +269,8 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         line = raw[:e.start].count(b"\n") + 1
         raise InputError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})",
                          src, line=line) from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise InputError(f"invalid YAML: {problem}", src, line=mark.line + 1 if mark else None) from None
+    from .loader import parse_yaml
+    data, root = parse_yaml(text, src)   # the scenario's reader: duplicate keys, depth, aliases
     if not isinstance(data, dict):
         got = "the file is empty" if data is None else f"got {type(data).__name__}"
         raise InputError(f"must be a YAML mapping ({got})", src, line=1)
