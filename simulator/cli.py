@@ -69,6 +69,10 @@ class _OneLineErrors(TyperGroup):
         except MemoryError:
             print("error: out of memory (shorten the run or lower the load)", file=sys.stderr)
             sys.exit(1)
+        except OSError as e:          # the system's answer, not a bug: stdout on a full disk, a
+            where = e.filename or "error"      # path too long for the file system, ...
+            print(f"{where}: {e.strerror or _one_line(str(e))}", file=sys.stderr)
+            sys.exit(1)
         except Exception as e:        # a bug: still one line (SIMREC_DEBUG=1 shows the traceback)
             if os.environ.get("SIMREC_DEBUG"):
                 raise
@@ -171,8 +175,11 @@ def shipped(name: str) -> Path | None:
     if d is None or not name or "/" in name or name.startswith("."):
         return None
     for cand in (d / name, d / f"{name}.yaml"):
-        if cand.suffix == ".yaml" and cand.is_file():
-            return cand
+        try:
+            if cand.suffix == ".yaml" and cand.is_file():
+                return cand
+        except OSError:        # e.g. a name too long for a file name: not a shipped one
+            return None
     return None
 
 
@@ -210,8 +217,16 @@ def _bar(unit: str, pooled: bool = False):
                 yield bar
 
 
-def _cache_for(target: Path) -> Path:
-    return target.parent / ".simrec-cache"
+def _cache_for(target: Path, cache: Path | None = None) -> Path:
+    """The point cache: --cache, else .simrec-cache beside the output. Not the output folder
+    nor inside it: cached points written there made the folder the user's, and the finished
+    sweep was then refused (after every point had run)."""
+    if cache is None:
+        return target.parent / ".simrec-cache"
+    c, t = Path(os.path.abspath(cache)), Path(os.path.abspath(target))
+    if c == t or t in c.parents:
+        raise InputError(f"the point cache must be outside the output folder {target}", str(cache))
+    return cache
 
 
 @app.command()
@@ -317,7 +332,7 @@ def sweep(spec: Path = typer.Argument(..., help="a sweep file (with `base:`), or
         check_target(target)
         with _bar("points", pooled=True) as bar:
             bar.describe(spec.stem)
-            table = run_sweep(base, spec_obj, target, executor, workers, cache or _cache_for(target),
+            table = run_sweep(base, spec_obj, target, executor, workers, _cache_for(target, cache),
                               ray_address, bar.done, report_, refresh=refresh)
     except InputError as e:
         _fail(e, spec)
@@ -373,7 +388,7 @@ def capacity(scenario: Path = typer.Argument(..., help="scenario YAML file, or t
             bar.describe(param, max_evals)
             cap, summaries = search(sc, param, metric, budget, first, worse_when_higher=not fewest,
                                     integer=is_int, rel_tol=rel_tol, max_evals=max_evals,
-                                    cache_dir=cache or _cache_for(target), bounds=(min_value, max_value),
+                                    cache_dir=_cache_for(target, cache), bounds=(min_value, max_value),
                                     progress=lambda d, t: bar.done(d), refresh=refresh,
                                     executor=executor, workers=workers)
         write_capacity(cap, summaries, target, report_)
