@@ -35,6 +35,9 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
     data, root = read_yaml(path, "scenario file")
     if not isinstance(data, dict):
         raise InputError("a scenario must be a YAML mapping", source, line=1)
+    if "base" in data:       # one line, not one per scenario field the sweep file lacks
+        raise InputError("is a sweep file (it has `base:`), not a scenario; sweep files run with "
+                         "`simrec sweep`", source, "base", _line_of(root, ["base"]))
 
     overridden = []
     for item in overrides:
