@@ -88,11 +88,15 @@ def spec_from_cli(grid: list[str], variants: list[str], sets: list[str]) -> dict
     for item in grid:
         keys, _ = parse_override(item)
         raw = item.split("=", 1)[1]
+        if ".".join(keys) in out["grid"]:       # as a duplicate key in a file: not the last silently
+            raise InputError(f"axis {'.'.join(keys)} given twice", "--grid")
         out["grid"][".".join(keys)] = [parse_override(f"v={v}")[1] for v in raw.split(",")]
     for item in variants:
         if ":" not in item:
             raise InputError(f"variant {item!r} must look like name:path=value;path=value", "--variant")
         name, body = item.split(":", 1)
+        if name in out["variants"]:
+            raise InputError(f"variant {name!r} given twice", "--variant")
         out["variants"][name] = dict((".".join(k), v) for k, v in
                                      (parse_override(x) for x in body.split(";") if x.strip()))
     for item in sets:
