@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simrec.errors import InputError
+from simrec.errors import InputError, malformed
 from simrec.folders import umask
 
 from .capacity import capacity, verdict
@@ -53,10 +53,8 @@ def build_report(folder: str | Path) -> list[Path]:
     spec = read_json(marker)
     with warnings.catch_warnings():   # a library report never prints, warnings included
         warnings.simplefilter("ignore")
-        try:
+        with malformed(str(marker)):
             plots, html = build(folder, spec)
-        except KeyError as e:
-            raise InputError(f"missing field {e.args[0]!r}", source=str(marker)) from None
     return write_report(folder, plots, html)
 
 
@@ -213,10 +211,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def write_report(folder: Path, plots: list[Plot], html: str) -> list[Path]:
     out = folder / "plots"
-    out.mkdir(exist_ok=True)
     written = []
-    for p in plots:
-        _write_atomic(out / f"{p.name}.png", p.png)
-        written.append(out / f"{p.name}.png")
-    _write_atomic(folder / "report.html", html.encode("utf-8"))
+    try:
+        out.mkdir(exist_ok=True)
+        for p in plots:
+            _write_atomic(out / f"{p.name}.png", p.png)
+            written.append(out / f"{p.name}.png")
+        _write_atomic(folder / "report.html", html.encode("utf-8"))
+    except OSError as e:      # a file named plots, a read-only or full folder: one line
+        raise InputError(f"cannot write the report ({e.strerror})", source=str(e.filename or folder)) from None
     return written + [folder / "report.html"]

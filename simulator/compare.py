@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, malformed
 from .folders import atomic_folder
 from .results import FLAT_SKIP, Results, SweepResults, load_results
 from .stats import CI_LEVEL, _t
@@ -70,12 +70,19 @@ def run_figures(summary: dict) -> dict[str, Estimate]:
             return
         if isinstance(node, dict) and "mean" in node and "replications" in node:
             reps = node["replications"]
+            if not isinstance(reps, list) or not all(_real_or_none(node[k]) for k in ("mean", "lo", "hi")):
+                raise TypeError(f"metrics.{path}: mean, lo and hi must be numbers or null, "
+                                f"replications a list")     # else differences fail later
             out[path] = Estimate(node["mean"], node["lo"], node["hi"], len(reps), list(reps))
         elif isinstance(node, dict):
             for k, v in node.items():
                 walk(v, f"{path}.{k}" if path else k)
     walk(summary["metrics"], "")
     return out
+
+
+def _real_or_none(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
 def _short(name: str) -> str:
@@ -93,10 +100,8 @@ def load_entries(folders: list[Path]) -> list[Entry]:
     """The entries of these folders, in order: a run each, a point each for the others."""
     entries: list[Entry] = []
     for folder in folders:
-        try:
+        with malformed(str(folder)):
             entries += folder_entries(folder)
-        except KeyError as e:
-            raise InputError(f"missing field {e.args[0]!r}", str(folder)) from None
     labels = [e.label for e in entries]
     for e in entries:                # two folders of one name (a/x, b/x): tell them apart
         if labels.count(e.label) > 1:

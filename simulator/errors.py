@@ -6,6 +6,8 @@ line as the exception message.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 class InputError(Exception):
     """Bad user input: a scenario, trace, cost table or override.
@@ -37,3 +39,16 @@ class InputError(Exception):
 
     def __str__(self) -> str:
         return "\n".join([self.one_line(), *(o.one_line() for o in self.others)])
+
+
+@contextmanager
+def malformed(source: str):
+    """Reading back a file simrec wrote (summary.json, sweep.json, capacity.json), which a
+    user may have edited: a missing field or one of the wrong type is one InputError line
+    naming the file, not an internal error."""
+    try:
+        yield
+    except KeyError as e:
+        raise InputError(f"missing field {e.args[0]!r}", source) from None
+    except (TypeError, AttributeError, IndexError) as e:
+        raise InputError(f"a field has the wrong type or shape ({e})", source) from None
