@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from . import scenario as sc
+from .errors import InputError
+from .folders import atomic_folder, check_target, is_simrec_folder
 from .loader import load_scenario, with_overrides
 from .results import Results, warmup_ms
 
@@ -62,7 +65,8 @@ def policies(static: list[float], start: float) -> dict[str, dict]:
 
 def simulate_policies(scenario: sc.Scenario, named: dict[str, dict]) -> dict[str, Results]:
     from .simulate import simulate
-    return {name: simulate(with_overrides(scenario, over)) for name, over in named.items()}
+    scenarios = {name: with_overrides(scenario, over) for name, over in named.items()}   # all checked first
+    return {name: simulate(s) for name, s in scenarios.items()}
 
 
 def windowed_p99(results: Results, stage: str, window_s: float) -> pd.DataFrame:
@@ -160,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="write one results folder per policy here")
     args = ap.parse_args(argv)
     scenario = load_scenario(args.scenario)
+    check_args(scenario, args)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_target(out, is_regime_folder)       # before the simulations, not after them
     start = args.start if args.start is not None else scenario.hbm.bounds()[0]
     runs = simulate_policies(scenario, policies(args.static, start))
     switch = args.switch_s if args.switch_s is not None else switch_time_s(scenario)
@@ -168,14 +176,44 @@ def main(argv: list[str] | None = None) -> None:
           f"{scenario.slo.stage_p99_ms.get(scenario.relay.stage, scenario.slo.p99_ms):g} ms; "
           f"recovery: P99 over {args.window_s:g} s windows back under budget for {args.hold} windows")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    if args.out:
-        out = Path(args.out)
-        for name, res in runs.items():
-            res.write(out / name)
-        table.to_csv(out / "switch.csv", index=False)
-        pd.concat([boundary(r).assign(policy=n) for n, r in runs.items()]).to_csv(
-            out / "boundary.csv", index=False)
+    if out is not None:
+        with atomic_folder(out, replaces=is_regime_folder) as tmp:    # all of it, or none
+            for name, res in runs.items():
+                res.write(tmp / name)
+            table.to_csv(tmp / "switch.csv", index=False)
+            pd.concat([boundary(r).assign(policy=n) for n, r in runs.items()]).to_csv(
+                tmp / "boundary.csv", index=False)
         print(f"results: {out}")
+
+
+def check_args(scenario: sc.Scenario, args: argparse.Namespace) -> None:
+    """What the study needs, refused in one line before any simulation."""
+    if scenario.relay is None or scenario.hbm is None:
+        raise InputError("the regime study moves the HBM boundary: the scenario needs a relay "
+                         "and an hbm block", None, "hbm")
+    for flag, v in [("--static", f) for f in args.static] + [("--start", args.start)]:
+        if v is not None and not 0 <= v <= 1:
+            raise InputError(f"must be an EMB share of the pool, in [0, 1] (got {v:g})", flag)
+    end = scenario.run.duration_s
+    if args.switch_s is not None and not 0 <= args.switch_s <= (end if end is not None else math.inf):
+        raise InputError(f"must be a time in the run, 0..{end if end is not None else 'its end'} s "
+                         f"(got {args.switch_s:g})", "--switch-s")
+    if not (math.isfinite(args.window_s) and args.window_s > 0):
+        raise InputError(f"must be a finite time > 0 (got {args.window_s:g})", "--window-s")
+    if args.hold < 1:
+        raise InputError(f"must be >= 1 (got {args.hold})", "--hold")
+
+
+def is_regime_folder(path: Path) -> bool:
+    """What --out may replace: an empty folder, or an earlier study's (switch.csv,
+    boundary.csv and one results folder per policy)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return not names or ({"switch.csv", "boundary.csv"} <= set(names) and all(
+        n in ("switch.csv", "boundary.csv") or ((path / n).is_dir() and is_simrec_folder(path / n))
+        for n in names))
 
 
 if __name__ == "__main__":
