@@ -37,7 +37,7 @@ def load_model(ref: str):
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(mod_name)
-    except Exception as e:                 # the user's module may raise anything on import
+    except (Exception, SystemExit) as e:   # the user's module may raise anything on import, exit too
         raise InputError(f"cannot import {mod_name}: {type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0]}", "--model") from None
     factory = getattr(module, attr, None)
@@ -45,7 +45,7 @@ def load_model(ref: str):
         raise InputError(f"{mod_name} has no callable {attr!r}", "--model")
     try:
         model = factory()
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise InputError(f"{ref}() failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}",
                          "--model") from None
     if not isinstance(model, nn.Module):

@@ -47,6 +47,18 @@ def _errors(ref: str, launches_per_layer: int, copy_to: Path | None = None) -> N
     print(f"errors written to {path}")
 
 
+TABLE_FILES = frozenset({"table.parquet", "kernels.parquet", "manifest.json", "partial_table.parquet"})
+
+
+def _is_table_folder(path: Path) -> bool:
+    """What --out may overwrite: an empty folder or an earlier cost table (bench.py's files
+    only); a file or a folder of the user's is refused before anything is measured."""
+    try:
+        return set(os.listdir(path)) <= TABLE_FILES
+    except OSError:
+        return False
+
+
 def _copy_table(ref: str, dest: Path) -> str:
     import shutil
 
@@ -120,6 +132,8 @@ def calibrate(
             return
         if out is None:
             raise InputError("give an output folder (or --errors-only TABLE)", "--out")
+        from .folders import check_target
+        check_target(out, _is_table_folder)      # the bench writes in place, after minutes of measuring
         argv = ["--out", str(out), "--arch", arch, "--layers", str(layers), "--d-model", str(d_model),
                 "--heads", str(heads), "--ffn", str(ffn), "--short-term", str(short_term),
                 "--history-lens", _grid(history_lens, "--history-lens"),
