@@ -44,6 +44,10 @@ PosFloat = Annotated[Real, Field(gt=0)]
 NonNegFloat = Annotated[Real, Field(ge=0)]
 PosInt = Annotated[Int, Field(gt=0)]
 Ms = Annotated[Real, Field(gt=0, le=MAX_TIME_MS)]
+# Bandwidths: 1e-300 GB/s passed as > 0, and a prefix, history or embedding transfer then
+# took ~1e300 ms (requests never finished); at 1 MB/s even 1e8 tokens of 4 KB take days.
+MIN_GBPS = 1e-3
+Gbps = Annotated[Real, Field(ge=MIN_GBPS)]
 
 
 # Titles in the JSON Schema read "mean (ms)", not pydantic's "Mean Ms": the unit suffix of a
@@ -175,7 +179,7 @@ class SummaryStore(Strict):
 
     fetch_latency_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS)] = Field(
         0.3, description="latency of one summary fetch")
-    fetch_gbps: Annotated[PosFloat, Field(le=1e6)] = Field(
+    fetch_gbps: Annotated[Gbps, Field(le=1e6)] = Field(
         10.0, description="bandwidth of the summary fetch, GB/s")
     refresh_s: Annotated[PosFloat, Field(le=MAX_DURATION_S)] = Field(
         3600.0, description="a summary older than this is recomputed")
@@ -426,8 +430,8 @@ class DeviceSpec(Strict):
     name: str = Field(description="device name as shown in reports")
     hbm_bytes: PosInt = Field(description="device memory (HBM); accepts units, e.g. 80GB")
     peak_tflops: PosFloat = Field(description="peak dense TFLOP/s at the model's precision")
-    hbm_gbps: PosFloat = Field(description="HBM bandwidth, GB/s")
-    host_link_gbps: PosFloat = Field(description=(
+    hbm_gbps: Gbps = Field(description="HBM bandwidth, GB/s")
+    host_link_gbps: Gbps = Field(description=(
         "host-device link bandwidth (PCIe / NVLink-C2C), GB/s"))
     launch_overhead_us: NonNegFloat = Field(description="host-side cost of one kernel launch")
     host_dram_bytes: PosInt = Field(description="host DRAM per device; accepts units, e.g. 512GiB")
@@ -490,7 +494,7 @@ class HistoryTier(Strict):
     capacity_bytes: Annotated[PosInt, Field(description="bytes of user history this tier holds "
                                                         "(per node, or for the stage with scope: shared)")]
     latency_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS, description="fixed time of one fetch from this tier")]
-    gbps: Annotated[PosFloat, Field(description="read bandwidth of this tier, GB/s (1e9 bytes per second)")]
+    gbps: Annotated[Gbps, Field(description="read bandwidth of this tier, GB/s (1e9 bytes per second)")]
     cpu_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS, description="pre-processing node time one fetch "
                                                                      "from this tier costs (lookup, copy, decode)")]
 
@@ -499,7 +503,7 @@ class RemoteTier(Strict):
     """The remote store (a remote KV service) that holds every user's history."""
 
     latency_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS, description="fixed time of one remote fetch (RPC round trip)")]
-    gbps: Annotated[PosFloat, Field(description="effective bandwidth of a remote fetch, GB/s")]
+    gbps: Annotated[Gbps, Field(description="effective bandwidth of a remote fetch, GB/s")]
     cpu_ms: Annotated[NonNegFloat, Field(le=MAX_TIME_MS, description="pre-processing node time one remote "
                                                                      "fetch costs (RPC, deserialisation)")]
 
@@ -643,7 +647,7 @@ class Relay(Strict):
         "recompute", description="a prefix held by another instance: recompute, or fetch it "
                                  "when the transfer plus a cached ranking is cheaper than "
                                  "recomputing (medians; the declined fetches are counted)")
-    remote_gbps: PosFloat = Field(12.5, description=(
+    remote_gbps: Gbps = Field(12.5, description=(
         "transfer rate of a prefix fetched from another instance, GB/s"))
 
 
@@ -673,14 +677,14 @@ class Embedding(Strict):
         "Zipf exponent of item popularity"))
     row_bytes: Annotated[PosInt, Field(le=2**30)] = Field(
         4096, description="embedding bytes one token looks up (all its features)")
-    short_term_tokens: Annotated[Int, Field(ge=0)] = Field(
+    short_term_tokens: Annotated[Int, Field(ge=0, le=MAX_HISTORY_LEN)] = Field(   # 1e12 overflowed int32
         32, description="tokens a request with a cached prefix still embeds (the H100 table's model: 32)")
     candidate_rows: Annotated[PosInt, Field(le=10_000)] = Field(
         1, description="rows each candidate looks up (its id and side features, e.g. author, "
                        "category), all drawn from the same popularity")
     drift: list[DriftStep] = Field(
         [], description="popularity turnover schedule (trend regime); empty: steady popularity")
-    miss_gbps: PosFloat | None = Field(
+    miss_gbps: Gbps | None = Field(
         None, description="effective host -> device rate for scattered missed rows; "
                           "default: the device's host link")
     miss_latency_us: NonNegFloat = Field(0.0, description="fixed cost of a lookup that misses at all")
@@ -766,7 +770,7 @@ Partition = Annotated[Union[StaticPartition, MarginalPartition, MissCurvePartiti
 
 
 class Resize(Strict):
-    emb_refill_gbps: PosFloat = Field(
+    emb_refill_gbps: Gbps = Field(
         8.0, description="growing EMB refills its new rows asynchronously at this rate")
 
 
