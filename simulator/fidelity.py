@@ -451,9 +451,9 @@ def run_fidelity(paths: list[Path], out: Path | None = None, fit_run: str | None
     if not judged:
         raise InputError("only pilot logs given: nothing to judge", ", ".join(names))
     by_name = {g.name: g for g in logs}
+    if fit_run is not None and fit_run not in by_name:       # a typo, whatever the sources
+        raise InputError(f"no log named {fit_run!r} (logs: {', '.join(names)})", "--fit-run")
     if "profile" in sources:
-        if fit_run is not None and fit_run not in by_name:
-            raise InputError(f"no log named {fit_run!r} (logs: {', '.join(names)})", "--fit-run")
         fit_run = fit_run or max(judged, key=lambda g: len(g.jobs)).name
     fits = ([g.name for g in judged] if cross else [fit_run]) if "profile" in sources else []
     tmp = Path(tempfile.mkdtemp(prefix="simrec-fidelity-"))

@@ -106,6 +106,9 @@ def load_kernels(ref: str) -> KernelTable:
                              str(mpath), f"model.{key}")
     if model["dtype"] not in opg.DTYPE_BYTES:
         raise InputError(f"unknown dtype {model['dtype']!r}", str(mpath), "model.dtype")
+    h = model["heads"]
+    if isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= 4096:
+        raise InputError(f"model.heads must be an integer from 1 to 4096 (got {h!r})", str(mpath), "model.heads")
     method = manifest.get("method") if isinstance(manifest.get("method"), dict) else {}
     kname = str(method.get("kernels_file", "kernels.parquet"))
     kpath = mpath.parent / kname
@@ -544,6 +547,10 @@ def _device_fit(table_refs: tuple[str, ...]) -> tuple[KernelCosts, Overhead, obj
     has a phase table (each costed as its own model); and the first phase table (for
     prefix_reload and the noise). Tables must share a device."""
     from simrec.calibration.table import load_table
+    if not _kernels_present(table_refs[0]):
+        raise InputError("has no kernels file with rows: a kernels service's table is a kernel "
+                         "table (calibration/kernel_grids/, or a bench.py table with kernels)",
+                         str(resolve(table_refs[0]).parent))
     ktabs, phase_tables = [], []
     for ref in table_refs:
         manifest = load_kernels_manifest(ref)
@@ -594,6 +601,8 @@ def _kernels_present(ref: str) -> bool:
     path = resolve(ref).parent / str(method.get("kernels_file", "kernels.parquet"))
     if not path.exists():
         return False
+    if not path.is_file():     # a FIFO would block the read: load_kernels names it
+        return True
     try:
         return pq.ParquetFile(path).metadata.num_rows > 0
     except Exception:          # unreadable: load_kernels gives the one-line error

@@ -203,6 +203,8 @@ def load(path: str | Path) -> Profile:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             raise InputError(f"serving profile is not JSON: {e}", str(p)) from None
+        except RecursionError:
+            raise InputError("serving profile is nested too deeply to be one", str(p)) from None
         _LOADED.clear()
         _LOADED[key] = Profile.from_json(data, str(p))
     return _LOADED[key]

@@ -303,6 +303,8 @@ def trend(first, second, level: float = CI_LEVEL) -> dict:
     if len(first) != len(second) or not first or any(len(a) == 0 for a in first + second):
         raise ValueError("trend needs both halves of every replication, none empty")
     if len(first) >= 2:
+        if not all(np.isfinite(x).all() for x in first + second):    # inf - inf: no difference
+            return {"mean": None, "lo": None, "hi": None, "replications": [None] * len(first)}
         return interval([np.mean(b) - np.mean(a) for a, b in zip(first, second)], level)
     a, b = first[0], second[0]
     diff = float(np.mean(b) - np.mean(a)) if np.all(np.isfinite(a)) and np.all(np.isfinite(b)) else math.nan

@@ -6,7 +6,7 @@ interference, relay and hbm sizes, odd names and paths, a full stdout).
 Every case must end in exit status 1, exactly one line on stderr that says where (the
 file, flag or field, and the expected part of it), no traceback and no "internal error",
 the user's files untouched and nothing new on disk (no results, no temp folder, no cache).
-Cases whose fix belongs to a module others own are strict xfails naming that module.
+Every case here passes; the fixes live in the modules that own each mechanism.
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ def refused(tmp_path: Path, args: list, expect: str = "") -> str:
     return lines[0]
 
 
-def case(setup, expect: str = "", xfail: str | None = None):
-    marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
-    return pytest.param(setup, expect, marks=marks)
+def case(setup, expect: str = ""):
+    return pytest.param(setup, expect)
 
 
 def run_ids(cases: dict) -> list:
@@ -476,9 +475,7 @@ FIDELITY = {
     "out_is_a_user_folder": case(fidelity("--out", at("d"), files={"d/k.txt": "mine"}), "d: exists and is not"),
     "replications_one": case(fidelity("--replications", "1"), "--replications"),
     "jobs_negative": case(fidelity("--jobs", "-1"), "--jobs"),
-    "fit_run_unknown_without_profile": case(fidelity("--fit-run", "nosuch"), "--fit-run", xfail=(
-        "simulator/fidelity.py checks --fit-run only when the profile source runs: a typo is "
-        "silently ignored otherwise")),
+    "fit_run_unknown_without_profile": case(fidelity("--fit-run", "nosuch"), "--fit-run"),
 }
 
 
@@ -554,8 +551,7 @@ PROFILES = {
     "on_an_exponential_service": case(cli("validate", at("s.yaml"), scenario=ONE.replace(
         "service: {kind: exponential, mean_ms: 2}", "service: {kind: exponential, mean_ms: 2, profile: p.json}")),
         "s.yaml:7 stages.front.service.profile: unknown key"),
-    "nested_100000": case(profile("[" * 100_000 + "]" * 100_000), "p.json", xfail=(
-        "simulator/serving_profile.py load: json.loads raises RecursionError on deep nesting")),
+    "nested_100000": case(profile("[" * 100_000 + "]" * 100_000), "p.json"),
 }
 
 
@@ -834,8 +830,6 @@ def cell(column: str, value):
 
 
 KG = "kg/kernels.parquet stages.front.service"
-NO_OWN_KERNELS = ("simulator/kernel_model.py: a `table` without kernels (missing, or no rows) is accepted when an "
-                  "overhead_from table has some; `table` is documented as the folder holding kernels.parquet")
 KERNELS = {
     "table_missing": case(kernels("nothere/", ""), "nothere stages.front.service: no table manifest"),
     "table_a_cpu_phase_table": case(kernels("cpu_gr_small", ""), "stages.front.service.table: measured on cpu"),
@@ -844,8 +838,8 @@ KERNELS = {
                                                             (p / "kernels.parquet").write_bytes(b"junk"))}),
                             "kg/manifest.json stages.front.service: sha256 mismatch"),
     "kernels_missing": case(kernels(files=grid_copy(after=lambda p: (p / "kernels.parquet").unlink())),
-                            "kg", xfail=NO_OWN_KERNELS),
-    "kernels_no_rows": case(kernels(files=grid_copy(frame=lambda d: d.iloc[:0])), "kg", xfail=NO_OWN_KERNELS),
+                            "kg"),
+    "kernels_no_rows": case(kernels(files=grid_copy(frame=lambda d: d.iloc[:0])), "kg"),
     "kernels_a_folder": case(kernels(files=grid_copy(after=lambda p: ((p / "kernels.parquet").unlink(),
                                                                       (p / "kernels.parquet").mkdir()))),
                              "kernels.parquet stages.front.service: cannot read kernel table"),
@@ -870,8 +864,7 @@ KERNELS = {
     "manifest_other_device": case(kernels(files=grid_copy(manifest=lambda m: m["device"].update(name="NVIDIA H100"))),
                                   "measured on h100"),
     "manifest_heads_text": case(kernels(files=grid_copy(manifest=lambda m: m["model"].update(heads="many"))),
-                                "model.heads", xfail=(
-        "simulator/kernel_model.py load_kernels: int('many') for a manifest's model.heads is a ValueError")),
+                                "model.heads"),
     "model_heads_do_not_divide": case(kernels(str(KERNEL_GRID), ", model: {d_model: 100, heads: 3}"),
                                       "stages.front.service.model"),
     "model_float32_on_bf16_table": case(kernels(str(KERNEL_GRID), ", model: {dtype: float32}, "
@@ -981,8 +974,6 @@ def test_stdout_on_a_full_device_is_one_line(args):
     assert "No space left on device" in lines[0] and "internal error" not in lines[0]
 
 
-@pytest.mark.xfail(strict=True, reason="simulator/kernel_model.py _kernels_present opens kernels.parquet with "
-                                       "pyarrow: a FIFO there blocks the read forever")
 def test_kernels_file_that_is_a_fifo_does_not_hang(tmp_path):
     setup = kernels(files=grid_copy(after=lambda p: ((p / "kernels.parquet").unlink(),
                                                      os.mkfifo(p / "kernels.parquet"))))
@@ -995,8 +986,6 @@ def test_kernels_file_that_is_a_fifo_does_not_hang(tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="simulator/stats.py (settling check) subtracts inf means when requests "
-                                       "never finish: numpy's RuntimeWarning reaches stderr")
 def test_run_whose_requests_never_finish_prints_no_numpy_warning(tmp_path):
     (tmp_path / "s.yaml").write_text(ONE.replace("service: {kind: exponential, mean_ms: 2}",
                                                  "service: {kind: constant, ms: 1.0e11}"))
