@@ -241,9 +241,10 @@ def unbounded_warning(metrics: dict, replications: int) -> str | None:
 # integrated autocorrelation time x 0.01, replications pooled). Below either, the M/M/c
 # checks of tests/test_theory.py saw 75-88% coverage of a 95% interval: the run's tail
 # episodes are too few, and their spread over replications too skewed, for any interval
-# the run itself can form. More replications cure the second, not the first: 30 of 2,000
-# requests (39 autocorrelation times) covered 36 of 40 seeds at a fixed count, 30 of 40
-# where the stopping rule chose the count (it stops when the spread looks small by chance).
+# the run itself can form. More replications cure the second, not the first: 30
+# replications of 2,000 requests (39 autocorrelation times each) covered 36 of 40 seeds at
+# a fixed count, 30 of 40 where the stopping rule chose the count (it stopped when the
+# spread looked small by chance).
 # Both bounds lie between the cases that undercovered (30-39 times; 3.0-3.9 samples) and
 # those that did not (48 and up; 4.8 and up).
 SHORT_REPLICATION = 50
