@@ -300,7 +300,7 @@ def level_of(profile, log: ServingLog) -> dict[str, float]:
 
 
 def levelled(profile, logs: list[ServingLog]):
-    """The profile with the between-run level of these logs (those it can scale)."""
+    """The profile with the between-run level of these logs (profile_fit.with_levels)."""
     from .profile_fit import with_levels
     levels = {g.name: lv for g in logs if (lv := level_of(profile, g))}
     return with_levels(profile, levels) if levels else profile
