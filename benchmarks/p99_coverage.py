@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     import simrec
     from conftest import scenario, station
-    from simrec.results import SHORT_WARNING
+    from simrec.results import short_replication_warning
     from test_theory import mmc_sojourn_percentile
     exact = mmc_sojourn_percentile(a.servers, a.rate, 100.0, 99)
     rule = {} if a.halfwidth is None else {"p99_halfwidth_rel": a.halfwidth, "max_replications": a.max_replications}
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
                                        replications=a.replications, seed=seed, **rule))
         m = res.metric("e2e", "p99_ms")
         ok = m["hi"] is not None and m["lo"] <= exact <= m["hi"]
-        short = any(w.startswith(SHORT_WARNING) for w in res.summary["warnings"])
+        short = short_replication_warning(res.summary["replication_length"]) is not None
         covered, warned, silent = covered + ok, warned + short, silent + (not ok and not short)
         length = res.summary["replication_length"] or {}
         times.append(length.get("autocorrelation_times", float("nan")))

@@ -15,12 +15,9 @@
 # and log_kernel_shapes.txt. A CPU dry run: DEVICE=cpu GRID_ARGS="..." SHAPE_ARGS="...".
 set -uo pipefail
 cd "$(dirname "$0")/.."
-: "${OUT:?set OUT to the folder that receives the results}"
-PY="${PYTHON:-python3}"
 W="${WORK:-/tmp/kernel_shapes_work}"
-mkdir -p "$W" /tmp/simrec_path
-ln -sfn "$PWD/simulator" /tmp/simrec_path/simrec      # `simrec.operators` without an install
-export PYTHONPATH="/tmp/simrec_path:$PWD" PYTHONUNBUFFERED=1
+. calibration/device_env.sh
+mkdir -p "$W"
 DEVICE="${DEVICE:-cuda}"
 LOG="$OUT/log_kernel_shapes.txt"
 rc=0

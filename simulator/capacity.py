@@ -30,7 +30,7 @@ from .errors import InputError
 from .executors import kept_pool, run_points
 from .folders import atomic_folder
 from .loader import with_overrides
-from .results import SHORT_WARNING, flat_metrics
+from .results import flat_metrics, short_replication_warning
 from .scenario import Scenario
 from .sweep import check_metric, points_table
 
@@ -109,10 +109,10 @@ def search(base: Scenario, parameter: str, metric: str, slo_ms: float, start: fl
         else:
             verdict = "undecided"
         verdicts[value] = verdict
-        short = [w for w in summary["warnings"] if w.startswith(SHORT_WARNING)]
+        short = short_replication_warning(summary.get("replication_length")) is not None
         cap.points.append({"value": value, "p99": row[metric], "p99_lo": lo, "p99_hi": hi,
                            "verdict": verdict, "passed": verdict == "pass",
-                           "short_replications": bool(short)})
+                           "short_replications": short})
         summaries.append(summary)
         if verdict == "pass":
             cap.passing = value if cap.passing is None else (

@@ -220,21 +220,27 @@ def find_episodes(start_ms: np.ndarray, slowness: np.ndarray) -> dict:
 
 # ----------------------------------------------------------------------------- the fit
 
+def executed(ran: pd.DataFrame, medians, warmup_ms: float) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The jobs that ran a phase after the warm-up (a cancelled pre job ran none), in start
+    order, with each one's phase and table median."""
+    keep = (ran["arrival_ms"].to_numpy() >= warmup_ms) & (ran["outcome"].to_numpy(str) != "cancelled")
+    j = ran[keep].reset_index(drop=True)
+    phase = job_phase(j["kind"], j["outcome"])
+    memo: dict = {}
+    base = np.array([memo.setdefault((p, l, m), medians(p, l, 0 if p == "prefix_encode" else m))
+                     for p, l, m in zip(phase, j["history_len"].to_numpy(), j["candidates"].to_numpy())])
+    return j, phase, base
+
+
 def fit_profile(ran: pd.DataFrame, medians, warmup_ms: float, info: dict) -> tuple[Profile, dict]:
     """Fit from executed jobs (columns kind, outcome, history_len, candidates, start_ms,
     arrival_ms, busy_ms, idle_ms; in start order) and `medians(phase, L, M)`, the table's
     median. Returns the profile and a per-job frame of the fit (for plots and tests)."""
-    keep = (ran["arrival_ms"].to_numpy() >= warmup_ms) & (ran["outcome"].to_numpy(str) != "cancelled")
-    j = ran[keep].reset_index(drop=True)           # a cancelled pre job ran no phase
+    j, phase, base = executed(ran, medians, warmup_ms)
     if len(j) < 2 * MIN_POOL:
         from .errors import InputError
         raise InputError(f"too few executed jobs after the warm-up to fit a profile ({len(j)} < "
                          f"{2 * MIN_POOL})", info.get("fitted_from", {}).get("folder"))
-    phase = job_phase(j["kind"], j["outcome"])
-    L, M = j["history_len"].to_numpy(), j["candidates"].to_numpy()
-    memo: dict = {}
-    base = np.array([memo.setdefault((p, l, m), medians(p, l, 0 if p == "prefix_encode" else m))
-                     for p, l, m in zip(phase, L, M)])
     busy, idle, start = (j[c].to_numpy(float) for c in ("busy_ms", "idle_ms", "start_ms"))
     excess = busy - base
     normal = np.ones(len(j), bool)
@@ -290,12 +296,7 @@ def run_level(profile: Profile, ran: pd.DataFrame, medians, warmup_ms: float) ->
     minutes apart while one run drifted 1-3%, and host-bound cells feel it, GPU-bound ones
     hardly: a profile from one log cannot know the next run's level, so `with_levels`
     carries it across runs."""
-    keep = (ran["arrival_ms"].to_numpy() >= warmup_ms) & (ran["outcome"].to_numpy(str) != "cancelled")
-    j = ran[keep]
-    phase = job_phase(j["kind"], j["outcome"])
-    memo: dict = {}
-    base = np.array([memo.setdefault((p, l, m), medians(p, l, 0 if p == "prefix_encode" else m))
-                     for p, l, m in zip(phase, j["history_len"].to_numpy(), j["candidates"].to_numpy())])
+    j, phase, base = executed(ran, medians, warmup_ms)
     mid = int(np.searchsorted(QUANTILES, 0.5))
     cells, expected = [], []
     for p, b, i in zip(phase, base, j["idle_ms"].to_numpy(float)):

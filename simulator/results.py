@@ -249,7 +249,6 @@ def unbounded_warning(metrics: dict, replications: int) -> str | None:
 # those that did not (48 and up; 4.8 and up).
 SHORT_REPLICATION = 50
 FEW_TAIL_SAMPLES = 5
-SHORT_WARNING = "replications are short for the P99"
 IACT_SAMPLES = 1 << 20     # the autocorrelation is estimated on at most this many per replication
 
 
@@ -284,7 +283,7 @@ def short_replication_warning(length: dict | None) -> str | None:
         need.append(f"at least {math.ceil(SHORT_REPLICATION * tau)} measured requests per replication")
     if tail < FEW_TAIL_SAMPLES:
         need.append(f"at least {math.ceil(FEW_TAIL_SAMPLES / 0.01 * tau)} in all")
-    return (f"{SHORT_WARNING}: {length['measured_per_replication']:.0f} measured "
+    return (f"replications are short for the P99: {length['measured_per_replication']:.0f} measured "
             f"requests each, {each:.0f} latency autocorrelation times (about {tau:.0f} requests), "
             f"{tail:.1f} effectively independent samples beyond the P99 in all; its 95% interval "
             f"can then cover the truth less often than 95%: measure {' and '.join(need)}")

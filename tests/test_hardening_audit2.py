@@ -888,60 +888,18 @@ ALL = {"compare": COMPARE, "run": RUN_FLAGS, "sweep": SWEEPS, "regime": REGIME, 
        "blocks": BLOCKS, "kernels": KERNELS}
 
 
-@pytest.mark.parametrize("setup,expect", run_ids(COMPARE))
-def test_compare(tmp_path, setup, expect):
-    refused(tmp_path, setup(tmp_path), expect)
-
-
-@pytest.mark.parametrize("setup,expect", run_ids(RUN_FLAGS))
-def test_run_flags_and_paths(tmp_path, setup, expect):
-    refused(tmp_path, setup(tmp_path), expect)
-
-
-@pytest.mark.parametrize("setup,expect", run_ids(SWEEPS))
-def test_sweep(tmp_path, setup, expect):
-    refused(tmp_path, setup(tmp_path), expect)
-
-
-@pytest.mark.parametrize("setup,expect", run_ids(REGIME))
-def test_regime_refused_before_any_simulation(tmp_path, setup, expect):
-    refused(tmp_path, setup(tmp_path), expect)
-
-
-@pytest.mark.parametrize("setup,expect", run_ids(FIT))
-def test_fit_serving_logs(tmp_path, setup, expect):
-    refused(tmp_path, setup(tmp_path), expect)
-
-
-@pytest.mark.parametrize("setup,expect", run_ids(FIDELITY))
-def test_fidelity_serving_logs(tmp_path, setup, expect):
+@pytest.mark.parametrize("surface,setup,expect", [         # profile cases need their fixture
+    pytest.param(name, *p.values, marks=p.marks, id=f"{name}-{p.id}")
+    for name, cases in ALL.items() if name != "profile" for p in run_ids(cases)])
+def test_refused(tmp_path, surface, setup, expect):
+    if surface == "calibrate":
+        pytest.importorskip("torch")
     refused(tmp_path, setup(tmp_path), expect)
 
 
 @pytest.mark.parametrize("setup,expect", run_ids(PROFILES))
 def test_profile_in_a_scenario(tmp_path, setup, expect, profile_json, monkeypatch):
     monkeypatch.setenv("SIMREC_AUDIT_PROFILE", json.dumps(profile_json))     # what `edits` start from
-    refused(tmp_path, setup(tmp_path), expect)
-
-
-@pytest.mark.parametrize("setup,expect", run_ids(CALIBRATE))
-def test_calibrate(tmp_path, setup, expect):
-    pytest.importorskip("torch")
-    refused(tmp_path, setup(tmp_path), expect)
-
-
-@pytest.mark.parametrize("setup,expect", run_ids(LIST_INIT))
-def test_list_init_schema_report(tmp_path, setup, expect):
-    refused(tmp_path, setup(tmp_path), expect)
-
-
-@pytest.mark.parametrize("setup,expect", run_ids(BLOCKS))
-def test_scenario_blocks_and_names(tmp_path, setup, expect):
-    refused(tmp_path, setup(tmp_path), expect)
-
-
-@pytest.mark.parametrize("setup,expect", run_ids(KERNELS))
-def test_kernels_service(tmp_path, setup, expect):
     refused(tmp_path, setup(tmp_path), expect)
 
 

@@ -11,12 +11,9 @@
 # Back under $OUT: attn_dense.tar.gz (h200_attn_dense/ with log.txt), log.txt.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-: "${OUT:?set OUT to the folder that receives the results}"
-PY="${PYTHON:-python3}"
 W="${WORK:-/tmp/attn_dense_work}"
-mkdir -p "$W" /tmp/simrec_path
-ln -sfn "$PWD/simulator" /tmp/simrec_path/simrec      # `simrec.operators` without an install
-export PYTHONPATH="/tmp/simrec_path:$PWD" PYTHONUNBUFFERED=1
+. calibration/device_env.sh
+mkdir -p "$W"
 LENS=$(seq -s, 1024 512 16384),20480,24576,28672,32768
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tee "$OUT/log.txt"
 rc=0

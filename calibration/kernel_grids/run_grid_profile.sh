@@ -13,12 +13,9 @@
 # log_profile.txt, log_grid.txt.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-: "${OUT:?set OUT to the folder that receives the results}"
-PY="${PYTHON:-python3}"
 W="${WORK:-/tmp/grid_profile_work}"
-mkdir -p "$W/prof" /tmp/simrec_path
-ln -sfn "$PWD/simulator" /tmp/simrec_path/simrec      # `simrec.operators` without an install
-export PYTHONPATH="/tmp/simrec_path:$PWD" PYTHONUNBUFFERED=1
+. calibration/device_env.sh
+mkdir -p "$W/prof"
 rc=0
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv 2>&1 | tee "$OUT/log_profile.txt"
 timeout "${PROFILE_TIMEOUT:-120}" "$PY" calibration/kernel_grids/profile_phases.py --out "$W/prof" ${PROFILE_ARGS:-} 2>&1 \
