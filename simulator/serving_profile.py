@@ -82,26 +82,32 @@ class Profile:
     info: dict                              # provenance and fit diagnostics, as written
 
     def pool(self, phase: str, base_ms: float, idle_ms: float) -> tuple[np.ndarray, float]:
-        """The excess pool of a job and its episode elasticity (see `cell`)."""
-        pool, elasticity, _ = self.cell(phase, base_ms, idle_ms)
+        """The excess pool of a job and its episode elasticity (see `find`)."""
+        pool, elasticity, _, _ = self.find(phase, base_ms, idle_ms)
         return pool, elasticity
 
     def cell(self, phase: str, base_ms: float, idle_ms: float) -> tuple[np.ndarray, float, str]:
-        """The excess pool of a job, its episode elasticity and the name of its cell
-        ("phase|size class", the key of between-run levels): its phase's pool, else the
-        all-phase pool of its size class and idle bin, else the all-phase pool of every job
-        (key (-1, -1)); the all-phase classes extend to any size (the nearest class)."""
+        """`pool`, and the name of the job's cell ("phase|size class", the key of between-run
+        levels)."""
+        pool, elasticity, name, b = self.find(phase, base_ms, idle_ms)
+        return pool, elasticity, f"{name}|{b}"
+
+    def find(self, phase: str, base_ms: float, idle_ms: float) -> tuple[np.ndarray, float, str, int]:
+        """The excess pool of a job, its episode elasticity and its cell (pool's phase name,
+        size class): its phase's pool, else the all-phase pool of its size class and idle
+        bin, else the all-phase pool of every job (key (-1, -1)); the all-phase classes
+        extend to any size (the nearest class)."""
         for name in (phase, ALL):
             ex = self.phases.get(name)
             got = ex.pool(base_ms, idle_ms) if ex is not None else None
             if got is not None:
                 b = ex.size_class(base_ms)
-                return got, ex.elasticity.get(b, 1.0), f"{name}|{b}"
+                return got, ex.elasticity.get(b, 1.0), name, b
         ex = self.phases[ALL]
         b = bisect.bisect_right(ex.base_edges_ms, base_ms)
         got = ex.pools.get((b, idle_bin(idle_ms)))
         got = got if got is not None else ex.pools.get((b, -1))
-        return (got if got is not None else ex.pools[(-1, -1)]), ex.elasticity.get(b, 1.0), f"{ALL}|{b}"
+        return (got if got is not None else ex.pools[(-1, -1)]), ex.elasticity.get(b, 1.0), ALL, b
 
     # ------------------------------------------------------------------ file
     def to_json(self) -> dict:
@@ -299,10 +305,10 @@ class InServing:
 
     def phase(self, name: str, L: int, M: int = 0) -> float:
         med = self._reference(name, L, M)
-        pool, elasticity, cell = self.profile.cell(name, med, self._idle)
+        pool, elasticity, cell, b = self.profile.find(name, med, self._idle)
         t = max(med + float(np.interp(self._u.next(), self._q, pool)), 1e-6)
-        if self.level is not None:
-            t *= self.level.get(cell, self.level[""])
+        if self.level is not None:          # (the cell's name is built only for a level)
+            t *= self.level.get(f"{cell}|{b}", self.level[""])
         return t * self._slow ** elasticity if self._slow != 1.0 else t
 
     def sample(self, L: int, M: int) -> float:
